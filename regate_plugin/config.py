@@ -1,0 +1,83 @@
+"""ReGATEConfig: the method's knobs with the paper's defaults, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+SELECTIONS = ("per_sample", "per_batch")
+ATTN_BACKENDS = ("auto", "flash", "torch", "sdpa")
+
+
+class ConfigError(ValueError):
+    """A ReGATEConfig field holds a value outside its allowed range."""
+
+
+@dataclass(frozen=True)
+class ReGATEConfig:
+    """Settings of one ReGATE run (defaults: arXiv 2507.21420).
+
+    keep_ratio: share of supervised units kept on a sparse step (p_keep).
+    cycle: length C of a dense/sparse cycle, in optimizer steps.
+    dense_steps: the first F steps of every cycle are dense (they refresh the EMA).
+    warmup: optimizer steps that are all dense before the first cycle starts.
+    ema_beta: decay of the student-loss EMA, m <- beta*m + (1-beta)*loss.
+    ref_weight: lambda in the score d = m + lambda*ref.
+    selection: ``per_sample`` keeps ceil(p*n_s) units of every sample; ``per_batch`` keeps
+        ceil(p*N) units of the whole micro-batch, wherever they are.
+    attn_backend: varlen attention backend; ``auto`` picks flash-attn, torch varlen, then SDPA.
+    loss_chunk_rows: rows of the LM head evaluated at once, so long answers never hold all logits.
+    """
+
+    keep_ratio: float = 0.5
+    cycle: int = 128
+    dense_steps: int = 16
+    warmup: int = 100
+    ema_beta: float = 0.9
+    ref_weight: float = 0.5
+    selection: str = "per_sample"
+    attn_backend: str = "auto"
+    loss_chunk_rows: int = 4096
+
+    def __post_init__(self) -> None:
+        _check_real("keep_ratio", self.keep_ratio, "(0, 1]", lambda v: 0.0 < v <= 1.0)
+        _check_int("cycle", self.cycle, ">= 1", lambda v: v >= 1)
+        _check_int("dense_steps", self.dense_steps, f"[0, cycle={self.cycle}]", lambda v: 0 <= v <= self.cycle)
+        _check_int("warmup", self.warmup, ">= 0", lambda v: v >= 0)
+        _check_real("ema_beta", self.ema_beta, "[0, 1)", lambda v: 0.0 <= v < 1.0)
+        _check_real("ref_weight", self.ref_weight, ">= 0 and finite", lambda v: 0.0 <= v < math.inf)
+        _check_choice("selection", self.selection, SELECTIONS)
+        _check_choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
+        _check_int("loss_chunk_rows", self.loss_chunk_rows, ">= 1", lambda v: v >= 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ReGATEConfig":
+        """Build from a mapping, refusing unknown keys (a typo must not silently fall back to a default)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown ReGATEConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "ReGATEConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_real(name: str, value: Any, allowed: str, ok) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not ok(value):
+        raise ConfigError(f"ReGATEConfig.{name} = {value!r} is out of range: allowed {allowed}")
+
+
+def _check_int(name: str, value: Any, allowed: str, ok) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
+        raise ConfigError(f"ReGATEConfig.{name} = {value!r} is out of range: allowed integers {allowed}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"ReGATEConfig.{name} = {value!r} is not allowed: choose one of {list(choices)}")

@@ -1,0 +1,130 @@
+"""The student-difficulty EMA table m[s, k], flat on the host and identical on every rank.
+
+Units of sample ``s`` live at ``offsets[s] .. offsets[s+1]-1``. Losses computed during an optimizer
+step are recorded, then committed together at the step's end: on several ranks every rank gathers
+every rank's (flat index, loss) pairs and applies them in rank order, so all tables stay equal and
+a run with N ranks updates exactly as one rank with N-fold gradient accumulation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+class EMATable:
+    """m <- beta*m + (1-beta)*loss per unit; float32 (4 bytes a unit: 665k x 150 units = 0.4 GB)."""
+
+    def __init__(self, initial: torch.Tensor, offsets: torch.Tensor, beta: float) -> None:
+        offsets = torch.as_tensor(offsets, dtype=torch.int64).cpu()
+        if offsets.dim() != 1 or offsets.numel() < 1 or offsets[0] != 0 or (offsets.diff() < 0).any():
+            raise ValueError("offsets must be a non-decreasing 1-D int64 tensor starting at 0")
+        if initial.dim() != 1 or initial.numel() != int(offsets[-1]):
+            raise ValueError(f"initial values have {initial.numel()} entries, offsets describe {int(offsets[-1])}")
+        self.values = torch.as_tensor(initial).detach().to(device="cpu", dtype=torch.float32).clone()
+        self.offsets = offsets
+        self.beta = float(beta)
+        self._pending_index: list[torch.Tensor] = []
+        self._pending_loss: list[torch.Tensor] = []
+
+    @property
+    def num_samples(self) -> int:
+        return self.offsets.numel() - 1
+
+    def counts(self, sample_ids: torch.Tensor) -> torch.Tensor:
+        """Units stored for each sample."""
+        sample_ids = sample_ids.cpu()
+        return self.offsets[sample_ids + 1] - self.offsets[sample_ids]
+
+    def flat_index(self, sample_ids: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Flat position of unit (sample_ids[i], k[i]); the caller has checked k < counts."""
+        return self.offsets[sample_ids.cpu()] + k.cpu()
+
+    def lookup(self, flat_index: torch.Tensor) -> torch.Tensor:
+        return self.values[flat_index]
+
+    def record(self, flat_index: torch.Tensor, losses: torch.Tensor) -> None:
+        """Queue this micro-batch's per-unit losses; applied by ``commit`` at the step's end."""
+        if flat_index.shape != losses.shape:
+            raise ValueError(f"{flat_index.numel()} indices but {losses.numel()} losses")
+        self._pending_index.append(flat_index.detach().to("cpu", torch.int64))
+        self._pending_loss.append(losses.detach().to("cpu", torch.float32))
+
+    def commit(self, group: Any = None) -> int:
+        """Exchange the queued updates across ranks (if distributed) and apply them; returns how many."""
+        index = torch.cat(self._pending_index) if self._pending_index else torch.zeros(0, dtype=torch.int64)
+        loss = torch.cat(self._pending_loss) if self._pending_loss else torch.zeros(0)
+        self._pending_index.clear()
+        self._pending_loss.clear()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+            index, loss = all_gather_updates(index, loss, group)
+        self.apply(index, loss)
+        return index.numel()
+
+    def apply(self, flat_index: torch.Tensor, losses: torch.Tensor) -> None:
+        """Apply updates in order; a unit listed twice is updated twice. Non-finite losses are skipped."""
+        finite = torch.isfinite(losses)
+        flat_index, losses = flat_index[finite], losses[finite]
+        if flat_index.numel() == 0:
+            return
+        # Occurrence number of each index (0 for its first appearance, 1 for the second, ...): each
+        # round updates every index at most once, so duplicates apply sequentially and deterministically.
+        order = torch.sort(flat_index, stable=True).indices
+        sorted_index = flat_index[order]
+        new_run = torch.ones_like(sorted_index, dtype=torch.bool)
+        new_run[1:] = sorted_index[1:] != sorted_index[:-1]
+        positions = torch.arange(sorted_index.numel())
+        run_start = torch.cummax(torch.where(new_run, positions, torch.zeros_like(positions)), dim=0).values
+        occurrence = torch.empty_like(positions)
+        occurrence[order] = positions - run_start
+        for round_ in range(int(occurrence.max()) + 1):
+            pick = occurrence == round_
+            idx = flat_index[pick]
+            self.values[idx] = self.beta * self.values[idx] + (1.0 - self.beta) * losses[pick]
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._pending_index:
+            raise RuntimeError("EMATable.state_dict() called with uncommitted updates: call commit() first")
+        return {"values": self.values.clone(), "offsets": self.offsets.clone(), "beta": self.beta}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        offsets = torch.as_tensor(state["offsets"], dtype=torch.int64)
+        if not torch.equal(offsets, self.offsets):
+            raise ValueError(
+                "the saved EMA table was built for a different dataset layout "
+                f"({offsets.numel() - 1} samples, {int(offsets[-1])} units) than this run's "
+                f"({self.num_samples} samples, {int(self.offsets[-1])} units): resume with the same dataset and cache"
+            )
+        self.values = torch.as_tensor(state["values"]).to(torch.float32).clone()
+        self.beta = float(state["beta"])
+        self._pending_index.clear()
+        self._pending_loss.clear()
+
+
+def all_gather_updates(index: torch.Tensor, loss: torch.Tensor, group: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's (index, loss) pairs, concatenated in rank order, on every rank.
+
+    Moves data on the device the process group's backend needs (CUDA for NCCL, CPU for gloo).
+    """
+    backend = dist.get_backend(group)
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    world = dist.get_world_size(group)
+    size = torch.tensor([index.numel()], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    sizes_list = [int(s.item()) for s in sizes]
+    longest = max(sizes_list)
+    # One buffer holds both: the float32 loss is carried bit-for-bit inside an int64 slot.
+    payload = torch.zeros(2, longest, dtype=torch.int64, device=device)
+    payload[0, : index.numel()] = index.to(device)
+    payload[1, : loss.numel()] = loss.to(torch.float32).view(torch.int32).to(torch.int64).to(device)
+    gathered = [torch.empty_like(payload) for _ in range(world)]
+    dist.all_gather(gathered, payload, group=group)
+    indices, losses = [], []
+    for buf, n in zip(gathered, sizes_list):
+        buf = buf.cpu()
+        indices.append(buf[0, :n])
+        losses.append(buf[1, :n].to(torch.int32).view(torch.float32))
+    return torch.cat(indices), torch.cat(losses)

@@ -1,0 +1,136 @@
+"""ReGATEEngine: one micro-batch from labels to a packing plan, and losses back into the EMA.
+
+The model-agnostic core a target plugin calls from its patched forward::
+
+    plan = engine.plan(labels, attention_mask, sample_ids)      # units -> scores -> keep mask -> Packed
+    ... run the language model on pack(embeds, plan.packed) ...
+    loss, per_unit = kept_token_loss(hidden, lm_head, plan.packed.loss_rows(), ...)
+    engine.record(plan, per_unit)                               # queued until the step ends
+    engine.end_step()                                           # exchange across ranks, apply, observe
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+import torch
+
+from .config import ReGATEConfig
+from .ema import EMATable
+from .hookspecs import StepStats
+from .packing import Packed, pack_plan
+from .plugins import plugin_manager
+from .refcache import RefCache
+from .selection import keep_mask_for
+from .units import Units, find_units
+
+
+class BatchError(ValueError):
+    """A batch does not fit the reference cache; the message names the sample and the likely cause."""
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one micro-batch keeps, and where it goes in the packed row."""
+
+    units: Units
+    unit_keep: torch.Tensor
+    keep_mask: torch.Tensor
+    packed: Packed
+    sample_ids: torch.Tensor
+    keep_ratio: float
+
+
+class ReGATEEngine:
+    """Holds the schedule position, the EMA table and the reference cache of one training run."""
+
+    def __init__(self, config: ReGATEConfig, refcache: RefCache, pm: pluggy.PluginManager | None = None) -> None:
+        self.config = config
+        self.refcache = refcache
+        self.pm = pm or plugin_manager()
+        self.ema = EMATable(refcache.all_losses(), refcache.offsets_tensor(), config.ema_beta)
+        self.cache_counts = self.ema.offsets.diff()
+        self.step = 0
+        self._totals = [0, 0, 0, 0]  # supervised_total, supervised_kept, llm_tokens, padded_tokens
+
+    def keep_ratio(self) -> float:
+        return float(self.pm.hook.regate_keep_ratio(step=self.step, config=self.config))
+
+    def plan(
+        self,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        sample_ids: torch.Tensor | None,
+        position_ids: torch.Tensor | None = None,
+    ) -> StepPlan:
+        """Find, score and select this micro-batch's units and plan the packed row."""
+        units = find_units(labels, attention_mask)
+        sample_ids = self._check_samples(sample_ids, units, labels.shape[0])
+        row, k = units.row.cpu(), units.k.cpu()
+        ratio = self.keep_ratio()
+        if ratio >= 1.0:
+            unit_keep = torch.ones(len(units), dtype=torch.bool)
+        else:
+            flat = self.ema.flat_index(sample_ids[row], k)
+            scores = self.pm.hook.regate_score(ema=self.ema.lookup(flat), ref=self.refcache.lookup(flat), config=self.config)
+            cpu_units = Units(units.supervised.cpu(), row, units.col.cpu(), k, units.counts.cpu())
+            unit_keep = self.pm.hook.regate_select(scores=scores, units=cpu_units, keep_ratio=ratio, config=self.config)
+        keep_mask = keep_mask_for(attention_mask, units, unit_keep.to(labels.device))
+        packed = pack_plan(keep_mask, labels, units, position_ids)
+        self._totals[0] += len(units)
+        self._totals[1] += int(unit_keep.sum())
+        self._totals[2] += packed.num_tokens
+        self._totals[3] += labels.numel()
+        return StepPlan(units, unit_keep, keep_mask, packed, sample_ids, ratio)
+
+    def record(self, plan: StepPlan, per_unit_losses: torch.Tensor) -> None:
+        """Queue the student's losses of the kept units (in ``packed.loss_rows()`` order) for the EMA."""
+        rows = plan.packed.loss_rows().cpu()
+        samples = plan.sample_ids[plan.packed.row.cpu()[rows]]
+        self.ema.record(self.ema.flat_index(samples, plan.packed.unit_k.cpu()[rows]), per_unit_losses)
+
+    def end_step(self, group: Any = None) -> StepStats:
+        """Commit the step's EMA updates (all ranks), report the step's token counts, advance the step."""
+        self.ema.commit(group)
+        stats = StepStats(self.step, self.keep_ratio(), *self._totals)
+        self.pm.hook.regate_step_end(stats=stats)
+        self._totals = [0, 0, 0, 0]
+        self.step += 1
+        return stats
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "ema": self.ema.state_dict(), "config": self.config.to_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ema.load_state_dict(state["ema"])
+        self.step = int(state["step"])
+
+    def _check_samples(self, sample_ids: torch.Tensor | None, units: Units, batch: int) -> torch.Tensor:
+        if sample_ids is None:
+            raise BatchError(
+                "ReGATE is on but the batch carries no sample indices: wrap the dataset and collator "
+                "as the target's README shows, so every sample's dataset index reaches the model"
+            )
+        sample_ids = torch.as_tensor(sample_ids).reshape(-1).cpu().long()
+        if sample_ids.numel() != batch:
+            raise BatchError(f"the batch has {batch} rows but {sample_ids.numel()} sample indices")
+        outside = (sample_ids < 0) | (sample_ids >= self.ema.num_samples)
+        if outside.any():
+            bad = int(sample_ids[outside][0])
+            raise BatchError(
+                f"sample {bad} is outside the reference cache, which holds samples 0..{self.ema.num_samples - 1}: "
+                "the cache was built for another (smaller) dataset; rerun `regate score` on this one"
+            )
+        found = units.counts.cpu()
+        expected = self.cache_counts[sample_ids]
+        differ = (found != expected).nonzero(as_tuple=True)[0]
+        if differ.numel():
+            i = int(differ[0])
+            raise BatchError(
+                f"sample {int(sample_ids[i])} has {int(found[i])} supervised tokens in this batch but the reference "
+                f"cache holds {int(expected[i])}: the dataset, tokenizer, chat template or max length changed since "
+                "`regate score`, or the sample index does not match the sample; rebuild the cache for this setup"
+            )
+        return sample_ids

@@ -1,0 +1,44 @@
+"""Loss on kept supervised rows only: the LM head never sees an elided or unsupervised position."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def _row_losses(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(lm_head(hidden).float(), targets, reduction="none")
+
+
+def kept_token_loss(
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Module,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_rows: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over ``rows`` of ``hidden``, and each row's loss (detached, fp32) for the EMA.
+
+    hidden: (T, D) or (1, T, D) final hidden states of the packed row; rows: (U,) packed positions
+    to score; targets: (U,) their next-token labels. The LM head is called as a module, so ZeRO-3
+    gathers its weight. With gradients on, each chunk's logits are recomputed in backward instead
+    of being kept, so no more than ``chunk_rows`` rows of logits exist at once.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    if rows.numel() == 0:
+        # No supervised unit kept: a zero loss that still reaches the LM head and the hidden states,
+        # so every parameter gets a (zero) gradient and ZeRO-3 sees the LM head called as on other ranks.
+        zero = (lm_head(hidden[:0]).sum() + hidden.sum()) * 0.0
+        return zero, hidden.new_zeros(0, dtype=torch.float32)
+    selected = hidden[rows]
+    recompute = torch.is_grad_enabled()
+    losses = []
+    for start in range(0, rows.numel(), chunk_rows):
+        part = (selected[start : start + chunk_rows], targets[start : start + chunk_rows])
+        if recompute:
+            losses.append(checkpoint(_row_losses, lm_head, *part, use_reentrant=False))
+        else:
+            losses.append(_row_losses(lm_head, *part))
+    per_row = torch.cat(losses)
+    return per_row.mean(), per_row.detach()

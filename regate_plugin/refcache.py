@@ -1,0 +1,351 @@
+"""The reference-loss cache: ref[s, k] for every supervised unit of a dataset, on disk.
+
+Layout of a finished cache directory::
+
+    losses.f16    flat float16 reference losses, sample after sample (memory-mapped when read)
+    offsets.i64   int64 (num_samples + 1,): units of sample s are losses[offsets[s]:offsets[s+1]]
+    meta.json     format version, sizes, SHA-256 of both files, and the fingerprint of the setup
+
+The writer fills ``<cache>.partial/`` one shard (a contiguous range of samples) at a time, each
+shard written under a temporary name and renamed when whole, so a killed run resumes where it
+stopped. ``finalize`` assembles the cache in a temporary directory and renames it to its final
+name: a directory under the final name is always complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import struct
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+FORMAT = "regate-refcache"
+VERSION = 1
+LOSSES_FILE = "losses.f16"
+OFFSETS_FILE = "offsets.i64"
+META_FILE = "meta.json"
+PROGRESS_FILE = "progress.json"
+FP16_MAX = float(np.finfo(np.float16).max)
+
+
+class RefCacheError(RuntimeError):
+    """A reference cache cannot be used; the message says why and what to do."""
+
+
+class CorruptCacheError(RefCacheError):
+    """Files are missing, truncated or do not match their recorded checksums."""
+
+
+class CacheMismatchError(RefCacheError):
+    """The cache was built for another dataset, tokenizer, teacher or layout than this run."""
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a cache was computed from; training refuses a cache whose fingerprint differs.
+
+    dataset: hash of the dataset's sample list; tokenizer: hash of the vocabulary and template;
+    teacher: name or hash of the teacher weights; visual_tokens: the visual-token layout (e.g.
+    ``"576"`` or ``"16f:1352"``); max_length: truncation length after the multimodal merge.
+    """
+
+    dataset: str
+    tokenizer: str
+    teacher: str
+    visual_tokens: str
+    max_length: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Fingerprint":
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise CorruptCacheError(f"fingerprint lacks {missing}")
+        return cls(**{n: values[n] for n in names})
+
+    def differences(self, other: "Fingerprint") -> list[str]:
+        """One line per differing field: 'field: cache has A, this run has B'."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [f"{k}: cache has {mine[k]!r}, this run has {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_json(value: Any) -> str:
+    """Stable hash of a JSON-able value (sorted keys), for building fingerprint fields."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes | Iterable[bytes]) -> None:
+    """Write to a unique temporary name beside ``path``, fsync, then rename over it."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as handle:
+            for block in [data] if isinstance(data, bytes) else data:
+                handle.write(block)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _json_bytes(value: Any) -> bytes:
+    return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
+
+
+def to_fp16_losses(losses: Any, where: str) -> np.ndarray:
+    """Reference losses as float16; NaN is refused, values above the fp16 range are clamped."""
+    array = np.asarray(losses.detach().float().cpu() if isinstance(losses, torch.Tensor) else losses, dtype=np.float32)
+    if array.ndim != 1:
+        raise ValueError(f"{where}: losses must be 1-D, got shape {array.shape}")
+    if np.isnan(array).any():
+        raise ValueError(f"{where}: reference losses contain NaN; check the teacher's dtype and inputs")
+    return np.clip(array, 0.0, FP16_MAX).astype(np.float16)
+
+
+class RefCache:
+    """A finished cache, read-only and memory-mapped: every rank and dataloader worker shares pages."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], losses: np.ndarray, offsets: np.ndarray) -> None:
+        self.path = path
+        self.meta = meta
+        self.fingerprint = Fingerprint.from_dict(meta["fingerprint"])
+        self.losses = losses
+        self.offsets = offsets
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, expect: Fingerprint | None = None, verify: bool = True) -> "RefCache":
+        """Open and check a cache: sizes always, checksums when ``verify``, fingerprint when ``expect``."""
+        path = Path(path)
+        if not (path / META_FILE).is_file():
+            hint = ""
+            if path.with_name(path.name + ".partial").is_dir():
+                hint = " A partial cache exists beside it: rerun the same `regate score` command to finish it."
+            raise RefCacheError(f"no reference cache at {path} (missing {META_FILE}).{hint}")
+        try:
+            meta = json.loads((path / META_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise CorruptCacheError(f"{path / META_FILE} is unreadable ({err}): rebuild the cache with `regate score`")
+        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            raise CorruptCacheError(
+                f"{path} is not a {FORMAT} v{VERSION} cache (found {meta.get('format')!r} v{meta.get('version')!r})"
+            )
+        num_samples, num_units = int(meta["num_samples"]), int(meta["num_units"])
+        expected_bytes = {LOSSES_FILE: 2 * num_units, OFFSETS_FILE: 8 * (num_samples + 1)}
+        for name, size in expected_bytes.items():
+            file = path / name
+            if not file.is_file():
+                raise CorruptCacheError(f"{file} is missing: rebuild the cache with `regate score`")
+            actual = file.stat().st_size
+            if actual != size or meta["files"][name]["bytes"] != size:
+                raise CorruptCacheError(
+                    f"{file} has {actual} bytes, expected {size}: the file is truncated or from another cache; rebuild it"
+                )
+            if verify and sha256_file(file) != meta["files"][name]["sha256"]:
+                raise CorruptCacheError(f"{file} does not match its SHA-256 in {META_FILE}: the file is corrupt; rebuild it")
+        offsets = np.memmap(path / OFFSETS_FILE, dtype=np.int64, mode="r", shape=(num_samples + 1,))
+        if offsets[0] != 0 or offsets[-1] != num_units or (np.diff(offsets) < 0).any():
+            raise CorruptCacheError(f"{path / OFFSETS_FILE} is not a valid offset table: rebuild the cache")
+        losses = np.memmap(path / LOSSES_FILE, dtype=np.float16, mode="r", shape=(num_units,)) if num_units else np.zeros(0, np.float16)
+        cache = cls(path, meta, losses, offsets)
+        if expect is not None:
+            diffs = cache.fingerprint.differences(expect)
+            if diffs:
+                raise CacheMismatchError(
+                    f"reference cache {path} was built for a different setup:\n  "
+                    + "\n  ".join(diffs)
+                    + "\nRebuild it with `regate score` for this setup, or point --ref-cache at the matching cache."
+                )
+        return cache
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_units(self) -> int:
+        return len(self.losses)
+
+    def offsets_tensor(self) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.offsets, dtype=np.int64))
+
+    def counts(self) -> np.ndarray:
+        """Units of every sample."""
+        return np.diff(self.offsets)
+
+    def sample(self, index: int) -> np.ndarray:
+        """Reference losses of sample ``index`` as float32."""
+        return np.asarray(self.losses[self.offsets[index] : self.offsets[index + 1]], dtype=np.float32)
+
+    def lookup(self, flat_index: torch.Tensor) -> torch.Tensor:
+        """Reference losses at flat unit positions, as float32 on the CPU."""
+        return torch.from_numpy(np.asarray(self.losses[flat_index.cpu().numpy()], dtype=np.float32))
+
+    def all_losses(self) -> torch.Tensor:
+        """Every reference loss as one float32 tensor (the EMA table's starting values)."""
+        return torch.from_numpy(np.asarray(self.losses, dtype=np.float32))
+
+
+@dataclass(frozen=True)
+class Shard:
+    shard_id: int
+    start: int
+    stop: int
+
+
+class RefCacheWriter:
+    """Builds a cache shard by shard; resumable after a kill, safe for ranks writing disjoint shards."""
+
+    def __init__(self, path: str | os.PathLike, fingerprint: Fingerprint, num_samples: int, shard_size: int = 1024) -> None:
+        if num_samples < 0 or shard_size < 1:
+            raise ValueError(f"num_samples must be >= 0 and shard_size >= 1, got {num_samples}, {shard_size}")
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.fingerprint = fingerprint
+        self.num_samples = num_samples
+        self.shard_size = shard_size
+        if (self.path / META_FILE).exists():
+            raise FileExistsError(f"a finished reference cache already exists at {self.path}; delete it or choose another --out")
+        if self.path.exists():
+            raise FileExistsError(f"{self.path} exists and is not a reference cache; choose another --out")
+        progress = {
+            "fingerprint": fingerprint.to_dict(),
+            "num_samples": num_samples,
+            "shard_size": shard_size,
+        }
+        self.partial.mkdir(parents=True, exist_ok=True)
+        progress_file = self.partial / PROGRESS_FILE
+        if progress_file.exists():
+            found = json.loads(progress_file.read_text())
+            if found != progress:
+                raise CacheMismatchError(
+                    f"{self.partial} holds a partial cache for another setup or shard size "
+                    f"(found {found}, this run {progress}): delete it to start over, or rerun the original command"
+                )
+        else:
+            _write_atomic(progress_file, _json_bytes(progress))
+
+    def shards(self) -> list[Shard]:
+        return [
+            Shard(i, start, min(start + self.shard_size, self.num_samples))
+            for i, start in enumerate(range(0, self.num_samples, self.shard_size))
+        ]
+
+    def _shard_file(self, shard_id: int) -> Path:
+        return self.partial / f"shard-{shard_id:06d}.bin"
+
+    def is_done(self, shard: Shard) -> bool:
+        """True when the shard's file exists and reads back whole (checksum verified)."""
+        try:
+            self.read_shard(shard)
+        except (OSError, CorruptCacheError):
+            return False
+        return True
+
+    def pending(self, rank: int = 0, world_size: int = 1) -> list[Shard]:
+        """Shards still to compute that belong to ``rank`` (shard_id mod world_size == rank)."""
+        return [s for s in self.shards() if s.shard_id % world_size == rank and not self.is_done(s)]
+
+    def write_shard(self, shard: Shard, per_sample: Sequence[Any]) -> None:
+        """Store one shard: ``per_sample[i]`` holds the reference losses of sample ``shard.start + i``."""
+        if len(per_sample) != shard.stop - shard.start:
+            raise ValueError(f"shard {shard.shard_id} covers {shard.stop - shard.start} samples, got {len(per_sample)}")
+        arrays = [to_fp16_losses(x, f"sample {shard.start + i}") for i, x in enumerate(per_sample)]
+        counts = np.array([a.size for a in arrays], dtype=np.int64)
+        body = struct.pack("<qq", shard.start, shard.stop) + counts.tobytes() + b"".join(a.tobytes() for a in arrays)
+        _write_atomic(self._shard_file(shard.shard_id), body + hashlib.sha256(body).digest())
+
+    def read_shard(self, shard: Shard) -> tuple[np.ndarray, np.ndarray]:
+        """(counts, losses) of a written shard; CorruptCacheError if it does not check out."""
+        data = self._shard_file(shard.shard_id).read_bytes()
+        body, digest = data[:-32], data[-32:]
+        n = shard.stop - shard.start
+        if len(data) < 16 + 8 * n + 32 or hashlib.sha256(body).digest() != digest:
+            raise CorruptCacheError(f"{self._shard_file(shard.shard_id)} is corrupt")
+        start, stop = struct.unpack_from("<qq", body)
+        counts = np.frombuffer(body, dtype=np.int64, count=n, offset=16)
+        losses = np.frombuffer(body, dtype=np.float16, offset=16 + 8 * n)
+        if (start, stop) != (shard.start, shard.stop) or losses.size != counts.sum():
+            raise CorruptCacheError(f"{self._shard_file(shard.shard_id)} does not hold samples {shard.start}..{shard.stop - 1}")
+        return counts, losses
+
+    def finalize(self) -> RefCache:
+        """Merge all shards into the final cache (atomically) and remove the partial directory."""
+        parts, missing = [], []
+        for shard in self.shards():
+            try:
+                parts.append(self.read_shard(shard))
+            except (OSError, CorruptCacheError):
+                missing.append(shard.shard_id)
+        if missing:
+            more = "..." if len(missing) > 10 else ""
+            raise RefCacheError(f"cannot finalize {self.path}: shards {missing[:10]}{more} are not written yet")
+        counts = np.concatenate([c for c, _ in parts]) if parts else np.zeros(0, np.int64)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex}")
+        tmp.mkdir()
+        try:
+            with open(tmp / LOSSES_FILE, "wb") as handle:
+                for _, losses in parts:
+                    handle.write(losses.tobytes())
+                handle.flush()
+                os.fsync(handle.fileno())
+            _write_atomic(tmp / OFFSETS_FILE, offsets.tobytes())
+            files = {
+                name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+                for name in (LOSSES_FILE, OFFSETS_FILE)
+            }
+            meta = {
+                "format": FORMAT,
+                "version": VERSION,
+                "num_samples": self.num_samples,
+                "num_units": int(offsets[-1]),
+                "fingerprint": self.fingerprint.to_dict(),
+                "files": files,
+            }
+            _write_atomic(tmp / META_FILE, _json_bytes(meta))
+            os.rename(tmp, self.path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(self.path.parent)
+        shutil.rmtree(self.partial)
+        return RefCache.open(self.path)
+
+
+def write_cache(
+    path: str | os.PathLike, fingerprint: Fingerprint, per_sample: Sequence[Any], shard_size: int = 1024
+) -> RefCache:
+    """Write a whole cache from in-memory per-sample losses (tests, small datasets)."""
+    writer = RefCacheWriter(path, fingerprint, len(per_sample), shard_size)
+    for shard in writer.pending():
+        writer.write_shard(shard, per_sample[shard.start : shard.stop])
+    return writer.finalize()

@@ -1,0 +1,31 @@
+"""Dense/sparse schedule over optimizer steps.
+
+Dense for the first ``warmup`` steps; then cycles of length ``cycle`` whose first ``dense_steps``
+steps are dense (they refresh the EMA) and the rest keep ``keep_ratio`` of the supervised units.
+The cycle phase is ``(step - warmup) mod cycle`` (project choice).
+"""
+
+from __future__ import annotations
+
+from .config import ReGATEConfig
+
+
+def is_dense_step(step: int, config: ReGATEConfig) -> bool:
+    if step < config.warmup:
+        return True
+    return (step - config.warmup) % config.cycle < config.dense_steps
+
+
+def keep_ratio_at(step: int, config: ReGATEConfig) -> float:
+    """Share of supervised units kept at optimizer step ``step`` (0-based): 1.0 on dense steps."""
+    if step < 0:
+        raise ValueError(f"optimizer step must be >= 0, got {step}")
+    return 1.0 if is_dense_step(step, config) else config.keep_ratio
+
+
+def sparse_step_count(num_steps: int, config: ReGATEConfig) -> int:
+    """Number of sparse steps among steps 0..num_steps-1, in closed form."""
+    after_warmup = max(0, num_steps - config.warmup)
+    full_cycles, rest = divmod(after_warmup, config.cycle)
+    sparse_per_cycle = config.cycle - config.dense_steps
+    return full_cycles * sparse_per_cycle + max(0, rest - config.dense_steps)

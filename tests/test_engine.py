@@ -1,0 +1,199 @@
+"""The engine end to end on a toy attention model, its batch checks, and the plugin hooks."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from regate_plugin import BatchError, Fingerprint, ReGATEConfig, ReGATEEngine
+from regate_plugin.attention import varlen_attention
+from regate_plugin.hookspecs import hookimpl
+from regate_plugin.loss import kept_token_loss
+from regate_plugin.packing import pack
+from regate_plugin.plugins import build_plugin_manager
+from regate_plugin.refcache import write_cache
+from regate_plugin.units import IGNORE_INDEX
+
+FP = Fingerprint(dataset="d", tokenizer="t", teacher="m", visual_tokens="4", max_length=16)
+VOCAB, DIM, HEADS = 23, 8, 2
+
+
+def toy_batch():
+    """Right-padded rows: a 3-token prompt, then supervised answer tokens."""
+    lengths, answer_from = [9, 6, 12], [3, 2, 4]
+    labels = torch.full((3, 12), IGNORE_INDEX)
+    tokens = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(3, 12, dtype=torch.long)
+    for b, (n, a) in enumerate(zip(lengths, answer_from)):
+        mask[b, :n] = 1
+        labels[b, a:n] = tokens[b, a:n]
+    return tokens, labels, mask
+
+
+def unit_counts(labels, mask):
+    real = mask.bool()
+    return ((labels[:, 1:] != IGNORE_INDEX) & real[:, 1:] & real[:, :-1]).sum(1).tolist()
+
+
+@pytest.fixture
+def cache(tmp_path):
+    tokens, labels, mask = toy_batch()
+    counts = unit_counts(labels, mask)
+    gen = torch.Generator().manual_seed(2)
+    # Samples 4, 0, 2 of a 5-sample dataset appear in the toy batch.
+    per_sample = [torch.rand(counts[1], generator=gen) * 5, torch.rand(3), torch.rand(counts[2], generator=gen) * 5,
+                  torch.rand(1), torch.rand(counts[0], generator=gen) * 5]
+    return write_cache(tmp_path / "cache", FP, per_sample)
+
+
+SAMPLE_IDS = torch.tensor([4, 0, 2])
+
+
+class ToyLM(torch.nn.Module):
+    """Embedding + learned absolute positions + one causal attention layer + LM head."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.embed = torch.nn.Embedding(VOCAB, DIM)
+        self.pos = torch.nn.Embedding(16, DIM)
+        self.qkv = torch.nn.Linear(DIM, 3 * DIM)
+        self.head = torch.nn.Linear(DIM, VOCAB)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=gen) * 0.5
+
+    def hidden_packed(self, tokens, packed):
+        x = pack(self.embed(tokens), packed)[0] + self.pos(packed.position_ids[0])
+        q, k, v = self.qkv(x).view(-1, 3, HEADS, DIM // HEADS).unbind(1)
+        return x + varlen_attention(q, k, v, packed.cu_seqlens, packed.max_seqlen).reshape(-1, DIM)
+
+    def hidden_dense(self, tokens, positions):
+        x = self.embed(tokens) + self.pos(positions)
+        q, k, v = (t.transpose(0, 1) for t in self.qkv(x).view(-1, 3, HEADS, DIM // HEADS).unbind(1))
+        scores = q @ k.transpose(1, 2) / math.sqrt(DIM // HEADS)  # (heads, n, n)
+        causal = torch.ones(len(tokens), len(tokens), dtype=torch.bool).tril()
+        att = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+        return x + att.transpose(0, 1).reshape(-1, DIM)
+
+
+def reference_loss(model, tokens, labels, mask, keep_mask):
+    """Delete elided positions from each sample, keep original positions, run the sample alone."""
+    losses = []
+    for b in range(tokens.shape[0]):
+        cols = keep_mask[b].nonzero().flatten()
+        hidden = model.hidden_dense(tokens[b, cols], cols)
+        for i, j in enumerate(cols.tolist()):
+            if j + 1 < tokens.shape[1] and mask[b, j + 1] and labels[b, j + 1] != IGNORE_INDEX:
+                losses.append(F.cross_entropy(model.head(hidden[i]), labels[b, j + 1]))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("step", [0, 5])  # dense warmup step, sparse step
+def test_packed_sparse_loss_equals_per_sample_deletion(cache, step):
+    tokens, labels, mask = toy_batch()
+    engine = ReGATEEngine(ReGATEConfig(warmup=2, cycle=4, dense_steps=1, keep_ratio=0.5), cache)
+    engine.step = step
+    plan = engine.plan(labels, mask, SAMPLE_IDS)
+    counts = unit_counts(labels, mask)
+    expected_kept = counts if step == 0 else [math.ceil(n / 2) for n in counts]
+    assert [int(plan.unit_keep[plan.units.row.cpu() == b].sum()) for b in range(3)] == expected_kept
+    assert plan.keep_mask.sum() == mask.sum() - (sum(counts) - sum(expected_kept))
+
+    model = ToyLM()
+    hidden = model.hidden_packed(tokens, plan.packed)
+    rows = plan.packed.loss_rows()
+    loss, per_unit = kept_token_loss(hidden, model.head, rows, plan.packed.targets[rows])
+    ref = reference_loss(model, tokens, labels, mask, plan.keep_mask)
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-5)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, atol=1e-5)
+
+    # The EMA moves exactly the kept units, by beta*m + (1-beta)*loss.
+    before = engine.ema.values.clone()
+    engine.record(plan, per_unit)
+    stats = engine.end_step()
+    flat = engine.ema.offsets[SAMPLE_IDS[plan.packed.row[rows]]] + plan.packed.unit_k[rows]
+    assert torch.allclose(engine.ema.values[flat], 0.9 * before[flat] + 0.1 * per_unit)
+    untouched = torch.ones_like(before, dtype=torch.bool)
+    untouched[flat] = False
+    assert torch.equal(engine.ema.values[untouched], before[untouched])
+    assert (stats.step, stats.supervised_total, stats.supervised_kept) == (step, sum(counts), sum(expected_kept))
+    assert stats.llm_tokens == plan.packed.num_tokens and stats.padded_tokens == labels.numel()
+    assert engine.step == step + 1
+
+
+def test_sparse_selection_follows_scores(cache):
+    tokens, labels, mask = toy_batch()
+    engine = ReGATEEngine(ReGATEConfig(warmup=0, dense_steps=0, keep_ratio=0.5, ref_weight=0.5), cache)
+    plan = engine.plan(labels, mask, SAMPLE_IDS)
+    # m starts at ref, so d = 1.5 * ref: the top half of each sample's cached losses is kept.
+    for b, sample in enumerate(SAMPLE_IDS.tolist()):
+        ref = torch.from_numpy(cache.sample(sample))
+        top = set(torch.sort(ref, descending=True, stable=True).indices[: math.ceil(len(ref) / 2)].tolist())
+        kept_k = set(plan.units.k[(plan.units.row == b) & plan.unit_keep].tolist())
+        assert kept_k == top
+
+
+def test_batch_errors_name_the_sample(cache):
+    tokens, labels, mask = toy_batch()
+    engine = ReGATEEngine(ReGATEConfig(), cache)
+    with pytest.raises(BatchError, match="no sample indices"):
+        engine.plan(labels, mask, None)
+    with pytest.raises(BatchError, match="sample 7 is outside the reference cache"):
+        engine.plan(labels, mask, torch.tensor([4, 7, 2]))
+    with pytest.raises(BatchError, match=r"sample 1 has \d+ supervised tokens .* cache holds 3"):
+        engine.plan(labels, mask, torch.tensor([4, 1, 2]))
+    with pytest.raises(BatchError, match="3 rows but 2 sample indices"):
+        engine.plan(labels, mask, torch.tensor([4, 0]))
+
+
+class KeepLastUnit:
+    """A strategy plugin: always sparse at 0.1 and keep the last unit of every sample."""
+
+    @hookimpl
+    def regate_keep_ratio(self, step, config):
+        return 0.1
+
+    @hookimpl
+    def regate_select(self, scores, units, keep_ratio, config):
+        last = torch.zeros(len(units), dtype=torch.bool)
+        last[units.counts.cumsum(0)[units.counts > 0] - 1] = True
+        return last
+
+
+class Recorder:
+    def __init__(self):
+        self.seen = []
+
+    @hookimpl
+    def regate_step_end(self, stats):
+        self.seen.append(stats)
+
+
+def test_strategy_plugins_override_defaults_and_observe(cache):
+    tokens, labels, mask = toy_batch()
+    pm = build_plugin_manager(load_entrypoints=False)
+    recorder = Recorder()
+    pm.register(KeepLastUnit())
+    pm.register(recorder)
+    engine = ReGATEEngine(ReGATEConfig(), cache, pm=pm)  # default warmup 100 would be dense
+    plan = engine.plan(labels, mask, SAMPLE_IDS)
+    assert plan.keep_ratio == 0.1
+    kept_k = plan.units.k[plan.unit_keep].tolist()
+    assert kept_k == [n - 1 for n in unit_counts(labels, mask)]
+    engine.end_step()
+    assert [s.supervised_kept for s in recorder.seen] == [3]
+
+
+def test_engine_state_round_trip(cache):
+    tokens, labels, mask = toy_batch()
+    engine = ReGATEEngine(ReGATEConfig(warmup=0, dense_steps=0), cache)
+    plan = engine.plan(labels, mask, SAMPLE_IDS)
+    engine.record(plan, torch.full((int(plan.unit_keep.sum()),), 9.0))
+    engine.end_step()
+    restored = ReGATEEngine(ReGATEConfig(warmup=0, dense_steps=0), cache)
+    restored.load_state_dict(engine.state_dict())
+    assert restored.step == 1 and torch.equal(restored.ema.values, engine.ema.values)
