@@ -20,6 +20,7 @@ import torch
 from .config import ReGATEConfig
 from .ema import EMATable
 from .hookspecs import StepStats
+from .loss import kept_token_loss
 from .packing import Packed, pack_plan
 from .plugins import plugin_manager
 from .refcache import RefCache
@@ -44,18 +45,29 @@ class StepPlan:
 
 
 class ReGATEEngine:
-    """Holds the schedule position, the EMA table and the reference cache of one training run."""
+    """Holds the schedule position, the EMA table and the reference cache of one training run.
 
-    def __init__(self, config: ReGATEConfig, refcache: RefCache, pm: pluggy.PluginManager | None = None) -> None:
+    Without a reference cache it runs packing only: every unit kept, padding removed, no EMA
+    (the A/B measurement of what packing alone is worth).
+    """
+
+    def __init__(
+        self, config: ReGATEConfig, refcache: RefCache | None, pm: pluggy.PluginManager | None = None
+    ) -> None:
         self.config = config
         self.refcache = refcache
         self.pm = pm or plugin_manager()
-        self.ema = EMATable(refcache.all_losses(), refcache.offsets_tensor(), config.ema_beta)
-        self.cache_counts = self.ema.offsets.diff()
+        self.ema = None if refcache is None else EMATable(refcache.all_losses(), refcache.offsets_tensor(), config.ema_beta)
         self.step = 0
         self._totals = [0, 0, 0, 0]  # supervised_total, supervised_kept, llm_tokens, padded_tokens
 
+    @property
+    def packing_only(self) -> bool:
+        return self.ema is None
+
     def keep_ratio(self) -> float:
+        if self.packing_only:
+            return 1.0
         return float(self.pm.hook.regate_keep_ratio(step=self.step, config=self.config))
 
     def plan(
@@ -67,12 +79,13 @@ class ReGATEEngine:
     ) -> StepPlan:
         """Find, score and select this micro-batch's units and plan the packed row."""
         units = find_units(labels, attention_mask)
-        sample_ids = self._check_samples(sample_ids, units, labels.shape[0])
-        row, k = units.row.cpu(), units.k.cpu()
         ratio = self.keep_ratio()
+        if not self.packing_only:
+            sample_ids = self._check_samples(sample_ids, units, labels.shape[0])
         if ratio >= 1.0:
             unit_keep = torch.ones(len(units), dtype=torch.bool)
         else:
+            row, k = units.row.cpu(), units.k.cpu()
             flat = self.ema.flat_index(sample_ids[row], k)
             scores = self.pm.hook.regate_score(ema=self.ema.lookup(flat), ref=self.refcache.lookup(flat), config=self.config)
             cpu_units = Units(units.supervised.cpu(), row, units.col.cpu(), k, units.counts.cpu())
@@ -85,15 +98,39 @@ class ReGATEEngine:
         self._totals[3] += labels.numel()
         return StepPlan(units, unit_keep, keep_mask, packed, sample_ids, ratio)
 
+    def loss(
+        self,
+        plan: StepPlan,
+        hidden: torch.Tensor,
+        lm_head: torch.nn.Module,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Training loss of the packed row's kept supervised units; queues their losses for the EMA.
+
+        Without ``num_items_in_batch`` it is the mean over kept units. With it (the HF Trainer's
+        count of supervised tokens over all accumulated micro-batches) each micro-batch weighs in by
+        its share of those tokens, as in dense training: sum / num_items * (units / kept units),
+        which on a dense step is exactly the upstream ``sum / num_items_in_batch``.
+        """
+        rows = plan.packed.loss_rows()
+        mean, per_unit = kept_token_loss(hidden, lm_head, rows, plan.packed.targets[rows], self.config.loss_chunk_rows)
+        self.record(plan, per_unit)
+        if num_items_in_batch is None:
+            return mean
+        return mean * len(plan.units) / num_items_in_batch
+
     def record(self, plan: StepPlan, per_unit_losses: torch.Tensor) -> None:
         """Queue the student's losses of the kept units (in ``packed.loss_rows()`` order) for the EMA."""
+        if self.packing_only:
+            return
         rows = plan.packed.loss_rows().cpu()
         samples = plan.sample_ids[plan.packed.row.cpu()[rows]]
         self.ema.record(self.ema.flat_index(samples, plan.packed.unit_k.cpu()[rows]), per_unit_losses)
 
     def end_step(self, group: Any = None) -> StepStats:
         """Commit the step's EMA updates (all ranks), report the step's token counts, advance the step."""
-        self.ema.commit(group)
+        if not self.packing_only:
+            self.ema.commit(group)
         stats = StepStats(self.step, self.keep_ratio(), *self._totals)
         self.pm.hook.regate_step_end(stats=stats)
         self._totals = [0, 0, 0, 0]
@@ -101,10 +138,14 @@ class ReGATEEngine:
         return stats
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "ema": self.ema.state_dict(), "config": self.config.to_dict()}
+        ema = None if self.packing_only else self.ema.state_dict()
+        return {"step": self.step, "ema": ema, "config": self.config.to_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.ema.load_state_dict(state["ema"])
+        if (state["ema"] is None) != self.packing_only:
+            raise ValueError("the saved ReGATE state and this run disagree on packing-only mode (a reference cache)")
+        if not self.packing_only:
+            self.ema.load_state_dict(state["ema"])
         self.step = int(state["step"])
 
     def _check_samples(self, sample_ids: torch.Tensor | None, units: Units, batch: int) -> torch.Tensor:
@@ -124,7 +165,7 @@ class ReGATEEngine:
                 "the cache was built for another (smaller) dataset; rerun `regate score` on this one"
             )
         found = units.counts.cpu()
-        expected = self.cache_counts[sample_ids]
+        expected = self.ema.counts(sample_ids)
         differ = (found != expected).nonzero(as_tuple=True)[0]
         if differ.numel():
             i = int(differ[0])

@@ -31,14 +31,15 @@ class Target:
     """A codebase ReGATE can patch.
 
     name: the ``--target`` value; summary: one line for ``regate targets``;
-    apply: patches the codebase in this process for a config (idempotent: applying twice is a no-op);
-    requirement: None when the codebase and its versions are importable here, else what to install.
+    requirement: None when the codebase and its versions are importable here, else what to install;
+    apply: patches the codebase in this process for a config (idempotent: applying twice is a no-op),
+    for targets that ``regate train`` launches; None for targets enabled from the user's own script.
     """
 
     name: str
     summary: str
-    apply: Callable[["ReGATEConfig"], None]
     requirement: Callable[[], str | None] = field(default=lambda: None)
+    apply: Callable[["ReGATEConfig"], None] | None = None
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,9 @@ def _json_bytes(value: Any) -> bytes:
 
 def to_fp16_losses(losses: Any, where: str) -> np.ndarray:
     """Reference losses as float16; NaN is refused, values above the fp16 range are clamped."""
-    array = np.asarray(losses.detach().float().cpu() if isinstance(losses, torch.Tensor) else losses, dtype=np.float32)
+    if isinstance(losses, torch.Tensor):
+        losses = losses.detach().cpu().double()
+    array = np.asarray(losses, dtype=np.float64)  # one rounding, straight to float16
     if array.ndim != 1:
         raise ValueError(f"{where}: losses must be 1-D, got shape {array.shape}")
     if np.isnan(array).any():
@@ -151,25 +153,29 @@ class RefCache:
                 hint = " A partial cache exists beside it: rerun the same `regate score` command to finish it."
             raise RefCacheError(f"no reference cache at {path} (missing {META_FILE}).{hint}")
         try:
-            meta = json.loads((path / META_FILE).read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            meta = json.loads((path / META_FILE).read_bytes())
+        except (OSError, ValueError) as err:
             raise CorruptCacheError(f"{path / META_FILE} is unreadable ({err}): rebuild the cache with `regate score`")
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise CorruptCacheError(
-                f"{path} is not a {FORMAT} v{VERSION} cache (found {meta.get('format')!r} v{meta.get('version')!r})"
-            )
-        num_samples, num_units = int(meta["num_samples"]), int(meta["num_units"])
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            found = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else (type(meta).__name__, None)
+            raise CorruptCacheError(f"{path} is not a {FORMAT} v{VERSION} cache (found {found[0]!r} v{found[1]!r})")
+        try:
+            num_samples, num_units = int(meta["num_samples"]), int(meta["num_units"])
+            recorded = {n: (int(meta["files"][n]["bytes"]), str(meta["files"][n]["sha256"])) for n in (LOSSES_FILE, OFFSETS_FILE)}
+            Fingerprint.from_dict(meta["fingerprint"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CorruptCacheError(f"{path / META_FILE} lacks a valid field ({err!r}): rebuild the cache with `regate score`")
         expected_bytes = {LOSSES_FILE: 2 * num_units, OFFSETS_FILE: 8 * (num_samples + 1)}
         for name, size in expected_bytes.items():
             file = path / name
             if not file.is_file():
                 raise CorruptCacheError(f"{file} is missing: rebuild the cache with `regate score`")
             actual = file.stat().st_size
-            if actual != size or meta["files"][name]["bytes"] != size:
+            if actual != size or recorded[name][0] != size:
                 raise CorruptCacheError(
                     f"{file} has {actual} bytes, expected {size}: the file is truncated or from another cache; rebuild it"
                 )
-            if verify and sha256_file(file) != meta["files"][name]["sha256"]:
+            if verify and sha256_file(file) != recorded[name][1]:
                 raise CorruptCacheError(f"{file} does not match its SHA-256 in {META_FILE}: the file is corrupt; rebuild it")
         offsets = np.memmap(path / OFFSETS_FILE, dtype=np.int64, mode="r", shape=(num_samples + 1,))
         if offsets[0] != 0 or offsets[-1] != num_units or (np.diff(offsets) < 0).any():

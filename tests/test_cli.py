@@ -38,7 +38,7 @@ class FakeTargets:
 
     @hookimpl
     def regate_targets(self):
-        return [Target(n, f"the {n} codebase", apply=lambda config: None, requirement=lambda: "pip install it") for n in self.names]
+        return [Target(n, f"the {n} codebase", requirement=lambda: "pip install it") for n in self.names]
 
 
 def test_targets_listing_and_duplicates(monkeypatch):
