@@ -197,3 +197,42 @@ def test_engine_state_round_trip(cache):
     restored = ReGATEEngine(ReGATEConfig(warmup=0, dense_steps=0), cache)
     restored.load_state_dict(engine.state_dict())
     assert restored.step == 1 and torch.equal(restored.ema.values, engine.ema.values)
+
+
+def test_engine_loss_normalisation_matches_dense_sum_over_num_items(cache):
+    tokens, labels, mask = toy_batch()
+    model = ToyLM()
+    dense = ReGATEEngine(ReGATEConfig(), cache)  # warmup: dense
+    plan = dense.plan(labels, mask, SAMPLE_IDS)
+    hidden = model.hidden_packed(tokens, plan.packed)
+    n_units = sum(unit_counts(labels, mask))
+    mean = dense.loss(plan, hidden, model.head)
+    # The Trainer's count over two accumulated micro-batches: the loss becomes sum / num_items.
+    scaled = dense.loss(plan, hidden, model.head, num_items_in_batch=2 * n_units)
+    assert scaled.item() == pytest.approx(mean.item() * n_units / (2 * n_units))
+
+    sparse = ReGATEEngine(ReGATEConfig(warmup=0, dense_steps=0), cache)
+    plan = sparse.plan(labels, mask, SAMPLE_IDS)
+    hidden = model.hidden_packed(tokens, plan.packed)
+    kept_mean = sparse.loss(plan, hidden, model.head)
+    n_kept = int(plan.unit_keep.sum())
+    assert n_kept < n_units
+    ref = reference_loss(model, tokens, labels, mask, plan.keep_mask)
+    assert kept_mean.item() == pytest.approx(ref.item(), abs=1e-5)  # mean over kept units
+    # With num_items: this micro-batch weighs in by its share of the dense tokens.
+    weighted = sparse.loss(plan, hidden, model.head, num_items_in_batch=2 * n_units)
+    assert weighted.item() == pytest.approx(ref.item() / 2, abs=1e-5)
+
+
+def test_packing_only_engine_keeps_everything_without_cache():
+    tokens, labels, mask = toy_batch()
+    engine = ReGATEEngine(ReGATEConfig(warmup=0, dense_steps=0, keep_ratio=0.1), None)
+    plan = engine.plan(labels, mask, None)  # no sample indices needed
+    assert plan.keep_ratio == 1.0 and plan.unit_keep.all()
+    assert torch.equal(plan.keep_mask, mask.bool())
+    model = ToyLM()
+    loss = engine.loss(plan, model.hidden_packed(tokens, plan.packed), model.head)
+    assert loss.item() == pytest.approx(reference_loss(model, tokens, labels, mask, mask.bool()).item(), abs=1e-5)
+    stats = engine.end_step()
+    assert stats.llm_tokens == int(mask.sum()) and stats.supervised_kept == stats.supervised_total
+    assert engine.state_dict()["ema"] is None
