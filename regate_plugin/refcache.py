@@ -23,10 +23,12 @@ import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from .atomic import fsync_dir, write_atomic
 
 FORMAT = "regate-refcache"
 VERSION = 1
@@ -92,29 +94,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 def sha256_json(value: Any) -> str:
     """Stable hash of a JSON-able value (sorted keys), for building fingerprint fields."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes | Iterable[bytes]) -> None:
-    """Write to a unique temporary name beside ``path``, fsync, then rename over it."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "wb") as handle:
-            for block in [data] if isinstance(data, bytes) else data:
-                handle.write(block)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
 
 
 def _json_bytes(value: Any) -> bytes:
@@ -257,7 +236,7 @@ class RefCacheWriter:
                     f"(found {found}, this run {progress}): delete it to start over, or rerun the original command"
                 )
         else:
-            _write_atomic(progress_file, _json_bytes(progress))
+            write_atomic(progress_file, _json_bytes(progress))
 
     def shards(self) -> list[Shard]:
         return [
@@ -287,7 +266,7 @@ class RefCacheWriter:
         arrays = [to_fp16_losses(x, f"sample {shard.start + i}") for i, x in enumerate(per_sample)]
         counts = np.array([a.size for a in arrays], dtype=np.int64)
         body = struct.pack("<qq", shard.start, shard.stop) + counts.tobytes() + b"".join(a.tobytes() for a in arrays)
-        _write_atomic(self._shard_file(shard.shard_id), body + hashlib.sha256(body).digest())
+        write_atomic(self._shard_file(shard.shard_id), body + hashlib.sha256(body).digest())
 
     def read_shard(self, shard: Shard) -> tuple[np.ndarray, np.ndarray]:
         """(counts, losses) of a written shard; CorruptCacheError if it does not check out."""
@@ -324,7 +303,7 @@ class RefCacheWriter:
                     handle.write(losses.tobytes())
                 handle.flush()
                 os.fsync(handle.fileno())
-            _write_atomic(tmp / OFFSETS_FILE, offsets.tobytes())
+            write_atomic(tmp / OFFSETS_FILE, offsets.tobytes())
             files = {
                 name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
                 for name in (LOSSES_FILE, OFFSETS_FILE)
@@ -337,12 +316,12 @@ class RefCacheWriter:
                 "fingerprint": self.fingerprint.to_dict(),
                 "files": files,
             }
-            _write_atomic(tmp / META_FILE, _json_bytes(meta))
+            write_atomic(tmp / META_FILE, _json_bytes(meta))
             os.rename(tmp, self.path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         shutil.rmtree(self.partial)
         return RefCache.open(self.path)
 

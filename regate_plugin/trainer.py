@@ -1,0 +1,145 @@
+"""Glue for the Hugging Face Trainer (used by every target): sample indices in, metrics and state out.
+
+    train_dataset = IndexedDataset(train_dataset)       # each sample carries its dataset index
+    data_collator = IndexedCollator(data_collator)      # ... into the batch as ``sample_index``
+    trainer = Trainer(..., train_dataset=train_dataset, data_collator=data_collator)
+    attach(trainer, engine)                             # schedule, logging, checkpoints
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+from .engine import ReGATEEngine
+from .atomic import write_atomic
+
+SAMPLE_INDEX_KEY = "sample_index"
+STATE_FILE = "regate_state.pt"
+METRICS = ("supervised_total", "supervised_kept", "llm_tokens", "padded_tokens")
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """Wraps a map-style dataset of dict samples; sample ``i`` gains ``sample_index = i``."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.dataset[index]
+        if not isinstance(item, Mapping):
+            raise TypeError(f"IndexedDataset needs samples that are dicts, sample {index} is a {type(item).__name__}")
+        return {**item, SAMPLE_INDEX_KEY: index}
+
+
+class IndexedCollator:
+    """Wraps a collator: strips ``sample_index`` from the features, stacks it into the batch."""
+
+    def __init__(self, collator: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> None:
+        self.collator = collator
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        missing = [i for i, f in enumerate(features) if SAMPLE_INDEX_KEY not in f]
+        if missing:
+            raise KeyError(
+                f"features {missing} carry no {SAMPLE_INDEX_KEY!r}: wrap the dataset in IndexedDataset, and "
+                "with a datasets.Dataset set remove_unused_columns=False"
+            )
+        indices = [int(f[SAMPLE_INDEX_KEY]) for f in features]
+        batch = self.collator([{k: v for k, v in f.items() if k != SAMPLE_INDEX_KEY} for f in features])
+        batch[SAMPLE_INDEX_KEY] = torch.tensor(indices, dtype=torch.long)
+        return batch
+
+
+class ReGATECallback(TrainerCallback):
+    """Feeds the optimizer step to the schedule, ends each step in the engine, logs, saves, restores."""
+
+    def __init__(self, engine: ReGATEEngine, log: Callable[[dict[str, float]], None], resume_from: str | None = None) -> None:
+        self.engine = engine
+        self.log = log
+        self.resume_from = resume_from
+        self._interval = {name: 0 for name in METRICS}
+        self._ratios: list[float] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            return
+        checkpoint = Path(self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        load_state(self.engine, checkpoint)
+        if self.engine.step != state.global_step:
+            raise RuntimeError(
+                f"{checkpoint / STATE_FILE} is at step {self.engine.step} but the Trainer resumes at step "
+                f"{state.global_step}: pass the checkpoint you resume from as attach(..., resume_from=PATH)"
+            )
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.engine.step = state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stats = self.engine.end_step()
+        for name in METRICS:
+            self._interval[name] += getattr(stats, name)
+        self._ratios.append(stats.keep_ratio)
+        if control.should_log:
+            totals = _sum_across_ranks([self._interval[name] for name in METRICS])
+            logs = {f"regate/{name}": value for name, value in zip(METRICS, totals)}
+            logs["regate/keep_ratio"] = sum(self._ratios) / len(self._ratios)
+            self.log(logs)
+            self._interval = {name: 0 for name in METRICS}
+            self._ratios = []
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            save_state(self.engine, Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+def attach(trainer: Any, engine: ReGATEEngine, resume_from: str | None = None) -> ReGATECallback:
+    """Add ReGATE's callback to ``trainer``; metrics go through ``trainer.log`` to every reporter."""
+    callback = ReGATECallback(engine, trainer.log, resume_from)
+    trainer.add_callback(callback)
+    return callback
+
+
+def save_state(engine: ReGATEEngine, checkpoint: Path) -> Path:
+    """Write the engine's state (EMA table, step, config) into a checkpoint folder, atomically."""
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    path = checkpoint / STATE_FILE
+    state = engine.state_dict()
+    write_atomic(path, lambda handle: torch.save(state, handle))
+    return path
+
+
+def load_state(engine: ReGATEEngine, checkpoint: Path) -> None:
+    path = Path(checkpoint) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"resuming from {checkpoint}, which holds no {STATE_FILE}: it was not saved with ReGATE on, "
+            "or it is not the checkpoint being resumed (pass attach(..., resume_from=PATH))"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = state["config"]
+    current = engine.config.to_dict()
+    changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v and k != "attn_backend"}
+    if changed:
+        raise ValueError(
+            f"{path} was saved with different ReGATE settings {changed} (saved, now): resume with the same settings"
+        )
+    engine.load_state_dict(state)
+
+
+def _sum_across_ranks(values: list[int]) -> list[int]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    total = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
