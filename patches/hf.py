@@ -1,0 +1,145 @@
+"""Target ``hf``: transformers' own multimodal classes (transformers >= 4.53).
+
+``enable(model, engine)`` patches the model's class once (idempotent) and attaches the engine to this
+model. A training forward with labels then runs the model's own vision encoding and multimodal merge
+unchanged; only the call into the text model is intercepted: there the engine selects units, the
+kept positions are packed into one row (original position ids, explicit ``cu_seq_lens_q/k``,
+``use_cache=False``) and the text model runs with our varlen attention. The loss is evaluated on
+kept supervised rows only. Evaluation, generation and forwards without labels run upstream code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from typing import Any, Callable, Iterator
+
+import torch
+
+from regate_plugin.engine import ReGATEEngine, StepPlan
+from regate_plugin.hookspecs import Target, hookimpl
+from regate_plugin.packing import pack
+from regate_plugin.trainer import SAMPLE_INDEX_KEY
+from regate_plugin.versions import require
+
+from . import hf_attention
+
+SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextVideoForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+_DROP_FOR_BASE_MODEL = ("labels", "num_items_in_batch", "logits_to_keep", "return_dict", "use_cache")
+
+
+def requirement() -> str | None:
+    return require("transformers", ">=4.53")
+
+
+def enable(model: torch.nn.Module, engine: ReGATEEngine) -> torch.nn.Module:
+    """Switch ReGATE on for ``model`` (one of SUPPORTED); calling it again replaces the engine."""
+    missing = requirement()
+    if missing:
+        raise RuntimeError(missing)
+    cls = type(model)
+    if not any(base.__name__ in SUPPORTED for base in cls.__mro__):
+        raise TypeError(f"{cls.__name__} is not supported by the hf target; supported: {', '.join(SUPPORTED)}")
+    hf_attention.install(_text_model(model), engine.config.attn_backend)
+    _patch_forward(cls)
+    model._regate_engine = engine
+    return model
+
+
+def disable(model: torch.nn.Module) -> None:
+    """Detach the engine: the model's forwards run upstream code again (the class stays patched)."""
+    model.__dict__.pop("_regate_engine", None)
+
+
+def _text_model(model: torch.nn.Module) -> torch.nn.Module:
+    return model.model.language_model
+
+
+def _patch_forward(cls: type) -> None:
+    if getattr(cls.forward, "_regate_original", None) is not None:
+        return
+    original = cls.forward
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        sample_index = kwargs.pop(SAMPLE_INDEX_KEY, None)
+        engine: ReGATEEngine | None = self.__dict__.get("_regate_engine")
+        if args:  # name positional arguments, so labels are found wherever they were passed
+            bound = signature.bind(self, *args, **kwargs)
+            extra = bound.arguments.pop(_var_keyword(signature), {})
+            kwargs = {**{k: v for k, v in bound.arguments.items() if k != "self"}, **extra}
+        if engine is None or not self.training or kwargs.get("labels") is None:
+            return original(self, **kwargs)
+        return _training_forward(self, engine, sample_index, kwargs)
+
+    forward._regate_original = original
+    # Show ``sample_index`` in the signature, so the Trainer's remove_unused_columns keeps it.
+    index_param = inspect.Parameter(SAMPLE_INDEX_KEY, inspect.Parameter.KEYWORD_ONLY, default=None)
+    params = list(signature.parameters.values())
+    at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+    forward.__signature__ = signature.replace(parameters=params[:at] + [index_param] + params[at:])
+    cls.forward = forward
+
+
+def _var_keyword(signature: inspect.Signature) -> str | None:
+    return next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+
+
+@contextlib.contextmanager
+def _intercept(module: torch.nn.Module, replacement: Callable[..., Any]) -> Iterator[None]:
+    """Route calls of ``module`` to ``replacement`` for the duration (hooks still run around it)."""
+    module.forward = replacement
+    try:
+        yield
+    finally:
+        del module.forward
+
+
+def _training_forward(model: torch.nn.Module, engine: ReGATEEngine, sample_index: Any, kwargs: dict[str, Any]) -> Any:
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    labels = kwargs["labels"]
+    num_items_in_batch = kwargs.get("num_items_in_batch")
+    base_kwargs = {k: v for k, v in kwargs.items() if k not in _DROP_FOR_BASE_MODEL}
+    text_model = _text_model(model)
+    text_forward = type(text_model).forward
+    plans: list[StepPlan] = []
+
+    def packed_text_model(**text_kwargs: Any) -> Any:
+        embeds = text_kwargs.pop("inputs_embeds")
+        if embeds.shape[:2] != labels.shape:
+            raise ValueError(
+                f"merged embeddings {tuple(embeds.shape[:2])} and labels {tuple(labels.shape)} differ in shape: "
+                "labels must cover the expanded visual tokens (use the model's processor to build input_ids)"
+            )
+        plan = engine.plan(labels, text_kwargs.pop("attention_mask", None), sample_index, text_kwargs.pop("position_ids", None))
+        plans.append(plan)
+        packed = plan.packed
+        cu = packed.cu_seqlens.to(embeds.device)
+        text_kwargs.update(
+            inputs_embeds=pack(embeds, packed),
+            attention_mask=None,
+            position_ids=packed.position_ids.to(embeds.device),
+            use_cache=False,
+            cu_seq_lens_q=cu,
+            cu_seq_lens_k=cu,
+            max_length_q=packed.max_seqlen,
+            max_length_k=packed.max_seqlen,
+        )
+        with hf_attention.packed_forward():
+            return text_forward(text_model, **text_kwargs)
+
+    with _intercept(text_model, packed_text_model):
+        outputs = model.model(**base_kwargs, use_cache=False)
+    if len(plans) != 1:
+        raise RuntimeError(f"expected one text-model call in {type(model).__name__}.forward, saw {len(plans)}")
+    loss = engine.loss(plans[0], outputs.last_hidden_state, model.lm_head, num_items_in_batch)
+    return CausalLMOutputWithPast(loss=loss, logits=None)
+
+
+@hookimpl
+def regate_targets() -> list[Target]:
+    summary = "transformers' Llava, LlavaNextVideo, Qwen2.5-VL: regate_plugin.patches.hf.enable(model, engine)"
+    return [Target("hf", summary, requirement=requirement)]

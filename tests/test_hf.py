@@ -1,0 +1,172 @@
+"""The hf target against the unpatched transformers models (tiny, random, fp32)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from regate_plugin import BatchError, Fingerprint, ReGATEConfig, ReGATEEngine
+from regate_plugin.refcache import write_cache
+from regate_plugin.units import IGNORE_INDEX, find_units
+from tiny_hf import KINDS, collate, tiny_model, tiny_samples
+
+transformers = pytest.importorskip("transformers")
+hf = pytest.importorskip("regate_plugin.patches.hf")
+
+FP = Fingerprint(dataset="tiny", tokenizer="tiny", teacher="tiny", visual_tokens="tiny", max_length=64)
+SPARSE = ReGATEConfig(warmup=0, cycle=4, dense_steps=1, keep_ratio=0.5)
+
+
+def unit_counts(batch):
+    return find_units(batch["labels"], batch["attention_mask"]).counts.tolist()
+
+
+def make_cache(tmp_path, counts, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return write_cache(tmp_path / "cache", FP, [torch.rand(n, generator=gen) * 6 for n in counts])
+
+
+def gradients(model):
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def with_checkpointing(model, reentrant):
+    if reentrant is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    return model
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reentrant", [None, True, False], ids=["no-gc", "gc-reentrant", "gc-nonreentrant"])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_dense_step_equals_unpatched(tmp_path, kind, reentrant, padding_side):
+    batch = collate(kind, tiny_samples(kind, 3), padding_side)
+    reference = with_checkpointing(tiny_model(kind), reentrant)
+    ref_loss = reference(**batch).loss
+    ref_loss.backward()
+
+    model = with_checkpointing(tiny_model(kind), reentrant)
+    cache = make_cache(tmp_path, unit_counts(batch))
+    engine = ReGATEEngine(ReGATEConfig(warmup=10), cache)  # step 0: dense
+    hf.enable(model, engine)
+    out = model(**batch, sample_index=torch.arange(3))
+    assert out.logits is None  # the LM head never ran over the whole sequence
+    out.loss.backward()
+
+    assert out.loss.item() == pytest.approx(ref_loss.item(), abs=1e-5)
+    ref_grads, grads = gradients(reference), gradients(model)
+    compared = 0
+    for name, ref_grad in ref_grads.items():
+        if ref_grad is None:
+            assert grads[name] is None or not grads[name].any(), name
+            continue
+        torch.testing.assert_close(grads[name], ref_grad, atol=1e-5, rtol=1e-4, msg=name)
+        compared += 1
+    assert compared > 10
+    stats = engine.end_step()
+    assert stats.supervised_kept == stats.supervised_total == sum(unit_counts(batch))
+    assert stats.llm_tokens == int(batch["attention_mask"].sum())  # padding removed
+
+
+def merged_inputs(model, batch):
+    """The unpatched model's merged embeddings and position ids, as its text model receives them."""
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.update(embeds=kwargs["inputs_embeds"], position_ids=kwargs.get("position_ids"))
+
+    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        handle.remove()
+    return seen["embeds"], seen["position_ids"]
+
+
+def deletion_reference(model, batch, keep_mask):
+    """Delete elided positions from each merged sample, keep original positions, run it alone."""
+    embeds, position_ids = merged_inputs(model, batch)
+    labels, mask = batch["labels"], batch["attention_mask"]
+    losses = []
+    for b in range(labels.shape[0]):
+        cols = keep_mask[b].nonzero().flatten()
+        if position_ids is None:
+            pos = cols[None]
+        else:
+            pos = position_ids[..., b : b + 1, cols] if position_ids.dim() == 3 else position_ids[b : b + 1, cols]
+        hidden = model.model.language_model(inputs_embeds=embeds[b : b + 1, cols], position_ids=pos).last_hidden_state[0]
+        logits = model.lm_head(hidden)
+        for i, j in enumerate(cols.tolist()):
+            if j + 1 < labels.shape[1] and mask[b, j + 1] and labels[b, j + 1] != IGNORE_INDEX:
+                losses.append(F.cross_entropy(logits[i], labels[b, j + 1]))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sparse_step_equals_per_sample_deletion(tmp_path, kind):
+    batch = collate(kind, tiny_samples(kind, 3, seed=1), "right")
+    counts = unit_counts(batch)
+    cache = make_cache(tmp_path, counts)
+    engine = ReGATEEngine(SPARSE, cache)
+    engine.step = 1  # phase 1 of the cycle: sparse
+    expected_plan = engine.plan(batch["labels"], batch["attention_mask"], torch.arange(3))
+    assert [int(expected_plan.unit_keep[expected_plan.units.row == b].sum()) for b in range(3)] == [
+        math.ceil(n / 2) for n in counts
+    ]
+
+    model = tiny_model(kind)
+    hf.enable(model, engine)
+    loss = model(**batch, sample_index=torch.arange(3)).loss
+    hf.disable(model)
+    with torch.no_grad():
+        reference = deletion_reference(model, batch, expected_plan.keep_mask)
+    assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
+    stats = engine.end_step()
+    assert stats.supervised_kept == 2 * sum(math.ceil(n / 2) for n in counts)  # planned twice: test + forward
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2_5_vl"])
+def test_eval_generation_and_label_free_forwards_are_untouched(tmp_path, kind):
+    batch = collate(kind, tiny_samples(kind, 2), "left")
+    reference, model = tiny_model(kind), tiny_model(kind)
+    engine = ReGATEEngine(SPARSE, make_cache(tmp_path, unit_counts(batch)))
+    hf.enable(model, engine)
+    with torch.no_grad():
+        unlabeled = {k: v for k, v in batch.items() if k != "labels"}
+        torch.testing.assert_close(model(**unlabeled).logits, reference(**unlabeled).logits, atol=1e-6, rtol=0)
+        model.eval(), reference.eval()
+        torch.testing.assert_close(model(**batch).loss, reference(**batch).loss, atol=1e-6, rtol=0)
+        kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(**unlabeled, **kwargs), reference.generate(**unlabeled, **kwargs))
+    assert engine.end_step().supervised_total == 0  # the engine never saw these forwards
+    assert model.model.language_model.config._attn_implementation == "regate"
+
+
+def test_bad_input_names_the_sample(tmp_path):
+    batch = collate("llava", tiny_samples("llava", 3), "right")
+    counts = unit_counts(batch)
+    model = tiny_model("llava")
+    hf.enable(model, ReGATEEngine(SPARSE, make_cache(tmp_path, counts + [counts[0] + 1])))
+    with pytest.raises(BatchError, match="no sample indices"):
+        model(**batch)
+    with pytest.raises(BatchError, match="sample 9 is outside the reference cache"):
+        model(**batch, sample_index=torch.tensor([0, 9, 2]))
+    with pytest.raises(BatchError, match=rf"sample 3 has {counts[0]} supervised tokens .* cache holds {counts[0] + 1}"):
+        model(**batch, sample_index=torch.tensor([3, 1, 2]))
+
+
+def test_enable_rejects_unsupported_models_and_shows_sample_index_in_signature():
+    import inspect
+
+    text_only = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    ))
+    with pytest.raises(TypeError, match="LlamaForCausalLM is not supported"):
+        hf.enable(text_only, ReGATEEngine(SPARSE, None))
+    model = tiny_model("llava")
+    hf.enable(model, ReGATEEngine(SPARSE, None))
+    hf.enable(model, ReGATEEngine(SPARSE, None))  # idempotent: the class is wrapped once
+    forward = type(model).forward
+    assert not hasattr(forward._regate_original, "_regate_original")
+    assert "sample_index" in inspect.signature(model.forward).parameters
