@@ -63,10 +63,10 @@ class IndexedCollator:
 class ReGATECallback(TrainerCallback):
     """Feeds the optimizer step to the schedule, ends each step in the engine, logs, saves, restores."""
 
-    def __init__(self, engine: ReGATEEngine, log: Callable[[dict[str, float]], None], resume_from: str | None = None) -> None:
+    def __init__(self, engine: ReGATEEngine, resume_from: str | None = None) -> None:
         self.engine = engine
-        self.log = log
         self.resume_from = resume_from
+        self.pending: dict[str, float] = {}  # metrics for the Trainer's next training log entry
         self._interval = {name: 0 for name in METRICS}
         self._ratios: list[float] = []
 
@@ -89,11 +89,10 @@ class ReGATECallback(TrainerCallback):
         for name in METRICS:
             self._interval[name] += getattr(stats, name)
         self._ratios.append(stats.keep_ratio)
-        if control.should_log:
+        if control.should_log:  # sums since the last log entry, over all ranks
             totals = _sum_across_ranks([self._interval[name] for name in METRICS])
-            logs = {f"regate/{name}": value for name, value in zip(METRICS, totals)}
-            logs["regate/keep_ratio"] = sum(self._ratios) / len(self._ratios)
-            self.log(logs)
+            self.pending = {f"regate/{name}": value for name, value in zip(METRICS, totals)}
+            self.pending["regate/keep_ratio"] = sum(self._ratios) / len(self._ratios)
             self._interval = {name: 0 for name in METRICS}
             self._ratios = []
 
@@ -103,9 +102,19 @@ class ReGATECallback(TrainerCallback):
 
 
 def attach(trainer: Any, engine: ReGATEEngine, resume_from: str | None = None) -> ReGATECallback:
-    """Add ReGATE's callback to ``trainer``; metrics go through ``trainer.log`` to every reporter."""
-    callback = ReGATECallback(engine, trainer.log, resume_from)
+    """Add ReGATE's callback to ``trainer``; its metrics join the Trainer's own training log entries,
+    so every reporter (console, TensorBoard, W&B, ``trainer_state.json``) sees them beside the loss."""
+    callback = ReGATECallback(engine, resume_from)
     trainer.add_callback(callback)
+    trainer_log = trainer.log
+
+    def log(logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and callback.pending:
+            logs.update(callback.pending)
+            callback.pending = {}
+        trainer_log(logs, *args, **kwargs)
+
+    trainer.log = log
     return callback
 
 
