@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -92,3 +93,27 @@ def show_schedule(steps: int, as_json: bool, config: ReGATEConfig) -> None:
         f"{steps} steps: {steps - sparse} dense, {sparse} sparse at keep ratio {config.keep_ratio:g}\n"
         f"supervised tokens trained: {share:.1%} of dense training (before per-sample rounding up)"
     )
+
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--png", type=click.Path(dir_okay=False, path_type=Path), help="Where to write the plot [RUN_DIR/regate_report.png].")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def report_command(run_dir: Path, png: Path | None, as_json: bool) -> None:
+    """Summarise a Trainer run with ReGATE: loss, keep ratio and tokens trained, with a plot."""
+    from . import report
+
+    try:
+        run = report.read_run(run_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    facts = report.summary(run)
+    try:
+        facts["plot"] = str(report.plot(run, png or run_dir / "regate_report.png"))
+    except ImportError:
+        facts["plot"] = None
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    click.echo(report.format_summary(facts))
+    click.echo(f"plot                  {facts['plot']}" if facts["plot"] else "plot                  (pip install matplotlib)")

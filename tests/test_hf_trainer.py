@@ -1,10 +1,13 @@
 """A 30-step HF Trainer run with ReGATE on: schedule, logged counts, checkpoints, exact resume."""
 
+import json
 import shutil
 
 import pytest
 import torch
+from click.testing import CliRunner
 
+from regate_plugin import cli
 from regate_plugin import Fingerprint, ReGATEConfig, ReGATEEngine, RefCache
 from regate_plugin.refcache import write_cache
 from regate_plugin.schedule import keep_ratio_at
@@ -116,3 +119,24 @@ def test_resume_without_regate_state_is_refused(tmp_path, dataset, cache):
     (tmp_path / "a" / f"checkpoint-{SAVE_AT}" / STATE_FILE).unlink()
     with pytest.raises(FileNotFoundError, match=f"holds no {STATE_FILE}"):
         run(tmp_path / "a", dataset, cache, resume_from=str(tmp_path / "a" / f"checkpoint-{SAVE_AT}"))
+
+
+def test_report_summarises_the_run(tmp_path, dataset, cache):
+    trainer, engine = run(tmp_path / "run", dataset, cache)
+    result = CliRunner().invoke(cli.main, ["report", str(tmp_path / "run"), "--json"])
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.output)
+    kept, total = step_logs(trainer, "regate/supervised_kept"), step_logs(trainer, "regate/supervised_total")
+    assert facts["steps"] == STEPS
+    assert facts["supervised_kept"] == sum(kept.values()) and facts["supervised_total"] == sum(total.values())
+    assert facts["supervised_share"] == pytest.approx(sum(kept.values()) / sum(total.values()))
+    assert facts["last_loss"] == step_logs(trainer, "loss")[STEPS]
+    png = tmp_path / "run" / "regate_report.png"
+    assert facts["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    text = CliRunner().invoke(cli.main, ["report", str(tmp_path / "run")]).output
+    assert "supervised tokens" in text and f"{facts['supervised_share']:.1%}" in text
+
+
+def test_report_explains_a_folder_without_a_run(tmp_path):
+    result = CliRunner().invoke(cli.main, ["report", str(tmp_path)])
+    assert result.exit_code == 1 and "no trainer_state.json" in result.output

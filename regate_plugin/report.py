@@ -1,0 +1,125 @@
+"""`regate report`: what a run trained on, from the Trainer's own log history."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from itertools import accumulate
+from pathlib import Path
+from typing import Any
+
+STATE_NAME = "trainer_state.json"
+
+
+@dataclass(frozen=True)
+class RunLog:
+    """Per logged step: the loss and ReGATE's token counts (sums since the previous entry)."""
+
+    steps: list[int]
+    loss: list[float]
+    keep_ratio: list[float]
+    supervised_total: list[int]
+    supervised_kept: list[int]
+    llm_tokens: list[int]
+    padded_tokens: list[int]
+
+
+def find_state(run_dir: Path) -> Path:
+    """The run's trainer_state.json: its own, else the one of its latest checkpoint."""
+    run_dir = Path(run_dir)
+    if (run_dir / STATE_NAME).is_file():
+        return run_dir / STATE_NAME
+    checkpoints = sorted(
+        (p for p in run_dir.glob("checkpoint-*") if (p / STATE_NAME).is_file() and p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    if not checkpoints:
+        raise FileNotFoundError(
+            f"no {STATE_NAME} in {run_dir} or its checkpoint-* folders: pass the Trainer's output_dir "
+            "(trainer.save_state() writes one at the end of training; every checkpoint holds one)"
+        )
+    return checkpoints[-1] / STATE_NAME
+
+
+def read_run(run_dir: Path) -> RunLog:
+    history: list[dict[str, Any]] = json.loads(find_state(run_dir).read_text())["log_history"]
+    entries = [e for e in history if "regate/supervised_total" in e]
+    if not entries:
+        raise ValueError(
+            f"{find_state(run_dir)} has no regate/* metrics: was the run trained with "
+            "regate_plugin.trainer.attach(trainer, engine)?"
+        )
+
+    def column(key: str) -> list[Any]:
+        return [e.get(key, float("nan")) for e in entries]
+
+    return RunLog(
+        steps=[int(e["step"]) for e in entries],
+        loss=column("loss"),
+        keep_ratio=column("regate/keep_ratio"),
+        supervised_total=column("regate/supervised_total"),
+        supervised_kept=column("regate/supervised_kept"),
+        llm_tokens=column("regate/llm_tokens"),
+        padded_tokens=column("regate/padded_tokens"),
+    )
+
+
+def summary(run: RunLog) -> dict[str, Any]:
+    kept, total = sum(run.supervised_kept), sum(run.supervised_total)
+    llm, padded = sum(run.llm_tokens), sum(run.padded_tokens)
+    return {
+        "steps": run.steps[-1],
+        "first_loss": run.loss[0],
+        "last_loss": run.loss[-1],
+        "supervised_kept": kept,
+        "supervised_total": total,
+        "supervised_share": kept / total if total else 1.0,
+        "llm_tokens": llm,
+        "padded_tokens": padded,
+        "llm_share": llm / padded if padded else 1.0,
+    }
+
+
+def format_summary(facts: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            f"steps                 {facts['steps']}",
+            f"loss                  {facts['first_loss']:.4f} (first logged) -> {facts['last_loss']:.4f} (last)",
+            f"supervised tokens     {facts['supervised_kept']:,} trained of {facts['supervised_total']:,} "
+            f"dense ({facts['supervised_share']:.1%})",
+            f"LLM tokens            {facts['llm_tokens']:,} processed vs {facts['padded_tokens']:,} in padded "
+            f"batches ({facts['llm_share']:.1%})",
+        ]
+    )
+
+
+def plot(run: RunLog, path: Path) -> Path:
+    """Loss, keep ratio and cumulative tokens over steps, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_ratio, ax_tokens) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    ax_loss.plot(run.steps, run.loss, color="tab:blue")
+    ax_loss.set_ylabel("training loss")
+    ax_ratio.step(run.steps, run.keep_ratio, where="pre", color="tab:orange")
+    ax_ratio.set_ylabel("keep ratio")
+    ax_ratio.set_ylim(0, 1.05)
+    for label, values, style in [
+        ("supervised, dense-equivalent", run.supervised_total, "--"),
+        ("supervised, trained", run.supervised_kept, "-"),
+        ("LLM tokens, padded batches", run.padded_tokens, "--"),
+        ("LLM tokens, processed", run.llm_tokens, "-"),
+    ]:
+        ax_tokens.plot(run.steps, list(accumulate(values)), style, label=label)
+    ax_tokens.set_ylabel("cumulative tokens")
+    ax_tokens.set_xlabel("optimizer step")
+    ax_tokens.legend(loc="upper left", fontsize="small")
+    for ax in (ax_loss, ax_ratio, ax_tokens):
+        ax.grid(alpha=0.3)
+    fig.suptitle("ReGATE run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
