@@ -10,17 +10,21 @@ kept supervised rows only. Evaluation, generation and forwards without labels ru
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
+import importlib
 import inspect
 from typing import Any, Callable, Iterator
 
 import torch
 
-from regate_plugin.engine import ReGATEEngine, StepPlan
+from regate_plugin.engine import SAMPLE_INDEX_KEY, ReGATEEngine, StepPlan
 from regate_plugin.hookspecs import Target, hookimpl
 from regate_plugin.packing import pack
-from regate_plugin.trainer import SAMPLE_INDEX_KEY
+from regate_plugin.refcache import Fingerprint
+from regate_plugin.scoring import dataset_probe, teacher_fingerprint, tokenizer_fingerprint
+from regate_plugin.units import IGNORE_INDEX
 from regate_plugin.versions import require
 
 from . import hf_attention
@@ -142,4 +146,77 @@ def _training_forward(model: torch.nn.Module, engine: ReGATEEngine, sample_index
 @hookimpl
 def regate_targets() -> list[Target]:
     summary = "transformers' Llava, LlavaNextVideo, Qwen2.5-VL: regate_plugin.patches.hf.enable(model, engine)"
-    return [Target("hf", summary, requirement=requirement)]
+    return [Target("hf", summary, requirement=requirement, scoring_source=scoring_source)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher pass: `regate score --target hf --teacher LM_DIR --out CACHE -- --dataset MOD:FN --student DIR`
+# ---------------------------------------------------------------------------------------------
+
+VISUAL_TOKEN_KEYS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+
+
+def _load_student(student: str) -> tuple[Any, Any, list[int]]:
+    """The student's config, tokenizer and visual placeholder token ids."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(student)
+    visual = sorted({getattr(config, key) for key in VISUAL_TOKEN_KEYS if getattr(config, key, None) is not None})
+    return config, AutoTokenizer.from_pretrained(student), visual
+
+
+class HFScoringSource:
+    """Text-only views of a dataset whose samples carry ``input_ids`` with the visual placeholders
+    already expanded (what transformers' processors produce) and ``labels``.
+
+    Training checks its cache with ``RefCache.open(path, expect=HFScoringSource(...).expected())``.
+    """
+
+    def __init__(
+        self, dataset: Any, student: str, dataset_id: str, max_length: int | None = None, teacher: str | None = None
+    ) -> None:
+        config, tokenizer, visual = _load_student(student)
+        self.dataset = dataset
+        self.visual_ids = torch.tensor(visual, dtype=torch.long)
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = int(pad if pad is not None else getattr(config.get_text_config(), "pad_token_id", 0) or 0)
+        self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
+        self.decode = tokenizer.decode
+        self.fingerprint = Fingerprint(
+            dataset=f"{dataset_id}|n={len(dataset)}|probe={dataset_probe(self.text_only, len(dataset))}",
+            tokenizer=self.tokenizer_fingerprint,
+            teacher=teacher_fingerprint(teacher) if teacher else "",
+            visual_tokens="expanded in input_ids: " + ",".join(map(str, visual)),
+            max_length=int(max_length or min(tokenizer.model_max_length, 2**31 - 1)),
+        )
+
+    def expected(self) -> dict[str, Any]:
+        """The fingerprint fields a training run can check (all but the teacher)."""
+        return {k: v for k, v in self.fingerprint.to_dict().items() if k != "teacher"}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def text_only(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        item = self.dataset[index]
+        input_ids = torch.as_tensor(item["input_ids"]).reshape(-1)
+        labels = torch.as_tensor(item["labels"]).reshape(-1)
+        visual = torch.isin(input_ids, self.visual_ids)
+        if (labels[visual] != IGNORE_INDEX).any():
+            raise ValueError(f"sample {index} has labels on visual placeholder tokens: mask them with {IGNORE_INDEX}")
+        return input_ids.masked_fill(visual, self.pad_token_id), labels
+
+
+def scoring_source(args: list[str], teacher: str) -> HFScoringSource:
+    """Parse the target arguments after ``--`` and build the source."""
+    parser = argparse.ArgumentParser(prog="regate score --target hf ... --", description=scoring_source.__doc__)
+    parser.add_argument("--dataset", required=True, help="MODULE:CALLABLE returning the training dataset")
+    parser.add_argument("--student", required=True, help="folder with the student's config and tokenizer")
+    parser.add_argument("--dataset-id", help="names the dataset in the fingerprint [the --dataset value]")
+    parser.add_argument("--max-length", type=int, help="truncation length [the tokenizer's model_max_length]")
+    options = parser.parse_args(args)
+    module_name, _, attr = options.dataset.partition(":")
+    if not attr:
+        parser.error(f"--dataset {options.dataset!r} must be MODULE:CALLABLE")
+    dataset = getattr(importlib.import_module(module_name), attr)()
+    return HFScoringSource(dataset, options.student, options.dataset_id or options.dataset, options.max_length, teacher)

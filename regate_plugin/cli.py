@@ -117,3 +117,105 @@ def report_command(run_dir: Path, png: Path | None, as_json: bool) -> None:
         return
     click.echo(report.format_summary(facts))
     click.echo(f"plot                  {facts['plot']}" if facts["plot"] else "plot                  (pip install matplotlib)")
+
+
+@main.command("score", context_settings={"ignore_unknown_options": True})
+@click.option("--target", required=True, help="The codebase whose preprocessing builds the samples (see `regate targets`).")
+@click.option("--teacher", required=True, help="The student's language model before multimodal training (a folder).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Cache folder to create.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--shard-size", type=click.IntRange(min=1), default=1024, show_default=True, help="Samples per resumable shard.")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+              help="Teacher precision; auto: bf16 on GPU, fp32 on CPU.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.argument("target_args", nargs=-1, type=click.UNPROCESSED)
+def score_command(target: str, teacher: str, out: Path, batch_size: int, shard_size: int, dtype: str,
+                  progress: bool, target_args: tuple[str, ...]) -> None:
+    """Run the text-only teacher pass once and write the reference-loss cache.
+
+    \b
+    Arguments after `--` go to the target, e.g. for transformers' own classes:
+      regate score --target hf --teacher base-lm/ --out refcache/ -- \\
+          --dataset my_data:build_train_dataset --student my-llava/
+    Under torchrun every rank scores its own shards and rank 0 merges them. Interrupted? Run the
+    same command again: finished shards are kept.
+    """
+    import torch
+
+    from .refcache import RefCache
+    from .scoring import check_tokenizers, init_distributed, load_teacher, score_dataset
+
+    spec = _target(target)
+    if spec.scoring_source is None:
+        raise click.ClickException(f"the {target} target has no teacher pass")
+    source = spec.scoring_source(list(target_args), teacher)
+    if (out / "meta.json").exists():
+        cache = RefCache.open(out, expect=source.fingerprint)
+        click.echo(f"{out} is already complete for this setup: {cache.num_samples} samples, {cache.num_units} units")
+        return
+    from transformers import AutoTokenizer
+
+    check_tokenizers(source.tokenizer_fingerprint, AutoTokenizer.from_pretrained(teacher), teacher)
+    rank, world, device = init_distributed()
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
+        dtype, torch.bfloat16 if device.type == "cuda" else torch.float32
+    )
+    cache = score_dataset(source, load_teacher(teacher, device, torch_dtype), out, batch_size, shard_size, progress)
+    if cache is not None:
+        click.echo(f"wrote {out}: {cache.num_samples} samples, {cache.num_units} supervised units")
+
+
+def _target(name: str):
+    found = targets()
+    if name not in found:
+        raise click.BadParameter(f"unknown target {name!r}; installed: {', '.join(sorted(found)) or 'none'}", param_hint="--target")
+    missing = found[name].requirement()
+    if missing:
+        raise click.ClickException(f"the {name} target cannot run here: {missing}")
+    return found[name]
+
+
+@main.command("inspect", context_settings={"ignore_unknown_options": True})
+@click.argument("cache_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--target", help="Decode the extreme tokens through this target's samples (arguments after --).")
+@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True, help="Tokens to show at each end.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.argument("target_args", nargs=-1, type=click.UNPROCESSED)
+def inspect_command(cache_dir: Path, target: str | None, top: int, as_json: bool,
+                    target_args: tuple[str, ...]) -> None:
+    """Check a reference cache: sizes, loss statistics, fingerprint, and the most and least
+    vision-dependent answer tokens (the text alone predicts them worst and best)."""
+    from . import cacheinfo
+    from .refcache import RefCache, RefCacheError
+
+    try:
+        cache = RefCache.open(cache_dir)
+    except RefCacheError as err:
+        raise click.ClickException(str(err)) from err
+    facts = cacheinfo.statistics(cache)
+    if target:
+        source = _target(target).scoring_source(list(target_args), "")
+        expected = {k: v for k, v in source.fingerprint.to_dict().items() if k != "teacher"}
+        differences = cache.fingerprint.differences(expected)
+        if differences:
+            raise click.ClickException("the cache was built for another setup:\n  " + "\n  ".join(differences))
+        high, low = cacheinfo.extreme_units(cache, top)
+        facts["most_vision_dependent"] = [cacheinfo.describe_unit(cache, i, source, source.decode) for i in high]
+        facts["least_vision_dependent"] = [cacheinfo.describe_unit(cache, i, source, source.decode) for i in low]
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    click.echo(f"cache        {facts['path']}")
+    click.echo(f"samples      {facts['samples']:,} ({facts['samples_without_units']:,} without supervised tokens)")
+    click.echo(f"units        {facts['units']:,} ({facts['units_per_sample_mean']:.1f} per sample)")
+    pct = "  ".join(f"p{p}={v:.3f}" for p, v in facts["ref_loss_percentiles"].items())
+    click.echo(f"ref loss     mean {facts['ref_loss_mean']:.3f}  {pct}")
+    for key, value in facts["fingerprint"].items():
+        click.echo(f"  {key:13s}{value}")
+    for title, key in (("most vision-dependent", "most_vision_dependent"), ("least vision-dependent", "least_vision_dependent")):
+        if key in facts:
+            click.echo(f"{title} (highest/lowest reference loss):")
+            for u in facts[key]:
+                click.echo(f"  {u['ref_loss']:7.3f}  sample {u['sample']:>7} k={u['k']:<4} ...{u['context']!r} -> {u['token']!r}")
+    if not target:
+        click.echo("(add --target T -- <target args> to see the most and least vision-dependent tokens as text)")

@@ -28,6 +28,9 @@ from .selection import keep_mask_for
 from .units import Units, find_units
 
 
+SAMPLE_INDEX_KEY = "sample_index"  # the batch key that carries each sample's dataset index
+
+
 class BatchError(ValueError):
     """A batch does not fit the reference cache; the message names the sample and the likely cause."""
 

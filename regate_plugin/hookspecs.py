@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import torch
 
     from .config import ReGATEConfig
+    from .scoring import ScoringSource
     from .units import Units
 
 PROJECT = "regate"
@@ -33,13 +34,16 @@ class Target:
     name: the ``--target`` value; summary: one line for ``regate targets``;
     requirement: None when the codebase and its versions are importable here, else what to install;
     apply: patches the codebase in this process for a config (idempotent: applying twice is a no-op),
-    for targets that ``regate train`` launches; None for targets enabled from the user's own script.
+    for targets that ``regate train`` launches; None for targets enabled from the user's own script;
+    scoring_source: builds the teacher pass's ``ScoringSource`` from the arguments after ``--`` of
+    ``regate score`` and the teacher's path, with the target's own preprocessing.
     """
 
     name: str
     summary: str
     requirement: Callable[[], str | None] = field(default=lambda: None)
     apply: Callable[["ReGATEConfig"], None] | None = None
+    scoring_source: Callable[[list[str], str], "ScoringSource"] | None = None
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -77,10 +77,15 @@ class Fingerprint:
             raise CorruptCacheError(f"fingerprint lacks {missing}")
         return cls(**{n: values[n] for n in names})
 
-    def differences(self, other: "Fingerprint") -> list[str]:
-        """One line per differing field: 'field: cache has A, this run has B'."""
-        mine, theirs = self.to_dict(), other.to_dict()
-        return [f"{k}: cache has {mine[k]!r}, this run has {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+    def differences(self, expected: "Fingerprint | Mapping[str, Any]") -> list[str]:
+        """One line per differing field: 'field: cache has A, this run has B'. A mapping checks
+        only the fields it names (a training run does not know the teacher, say)."""
+        mine = self.to_dict()
+        theirs = expected.to_dict() if isinstance(expected, Fingerprint) else dict(expected)
+        unknown = sorted(set(theirs) - set(mine))
+        if unknown:
+            raise ValueError(f"unknown fingerprint field(s) {unknown}; fields: {sorted(mine)}")
+        return [f"{k}: cache has {mine[k]!r}, this run has {v!r}" for k, v in theirs.items() if mine[k] != v]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -123,7 +128,9 @@ class RefCache:
         self.offsets = offsets
 
     @classmethod
-    def open(cls, path: str | os.PathLike, expect: Fingerprint | None = None, verify: bool = True) -> "RefCache":
+    def open(
+        cls, path: str | os.PathLike, expect: Fingerprint | Mapping[str, Any] | None = None, verify: bool = True
+    ) -> "RefCache":
         """Open and check a cache: sizes always, checksums when ``verify``, fingerprint when ``expect``."""
         path = Path(path)
         if not (path / META_FILE).is_file():

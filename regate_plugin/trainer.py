@@ -17,10 +17,9 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from .engine import ReGATEEngine
+from .engine import SAMPLE_INDEX_KEY, ReGATEEngine
 from .atomic import write_atomic
 
-SAMPLE_INDEX_KEY = "sample_index"
 STATE_FILE = "regate_state.pt"
 METRICS = ("supervised_total", "supervised_kept", "llm_tokens", "padded_tokens")
 

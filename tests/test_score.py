@@ -1,0 +1,162 @@
+"""The teacher pass: values, the CLI, torchrun, kill-and-resume, and refusals before any compute."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from regate_plugin import cli
+from regate_plugin.refcache import CacheMismatchError, RefCache
+from regate_plugin.scoring import load_teacher, score_dataset
+from regate_plugin.units import IGNORE_INDEX
+
+import score_assets
+from score_assets import train_dataset, write_student_and_teacher
+from tiny_hf import LLAVA_IMAGE_ID, PAD_ID
+
+hf = pytest.importorskip("regate_plugin.patches.hf")
+TESTS = Path(__file__).parent
+CACHE_FILES = ("losses.f16", "offsets.i64", "meta.json")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return write_student_and_teacher(tmp_path_factory.mktemp("assets"))
+
+
+def score_cli(out, student, teacher, *extra, dataset="score_assets:train_dataset"):
+    return ["score", "--target", "hf", "--teacher", str(teacher), "--out", str(out), "--batch-size", "3",
+            "--shard-size", "5", "--no-progress", *extra, "--", "--dataset", dataset, "--student", str(student),
+            "--dataset-id", "tiny"]
+
+
+def run_subprocess(args, **kwargs):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def cache_bytes(path):
+    return {name: (Path(path) / name).read_bytes() for name in CACHE_FILES}
+
+
+@pytest.fixture(scope="module")
+def reference_cache(tmp_path_factory, assets):
+    """One uninterrupted single-process run through the CLI."""
+    student, teacher = assets
+    out = tmp_path_factory.mktemp("ref") / "cache"
+    result = CliRunner().invoke(cli.main, score_cli(out, student, teacher))
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}: 24 samples" in result.output
+    return out
+
+
+def test_cached_losses_equal_direct_teacher_computation(assets, reference_cache):
+    student, teacher_dir = assets
+    teacher = load_teacher(str(teacher_dir), torch.device("cpu"), torch.float32)
+    cache = RefCache.open(reference_cache)
+    for index, sample in enumerate(train_dataset()):
+        # Direct: the sample alone, image placeholders replaced by the pad token, full logits.
+        ids = sample["input_ids"].masked_fill(sample["input_ids"] == LLAVA_IMAGE_ID, PAD_ID)
+        with torch.no_grad():
+            logits = teacher(input_ids=ids[None]).logits[0]
+        labels = sample["labels"]
+        positions = (labels[1:] != IGNORE_INDEX).nonzero().flatten()
+        direct = F.cross_entropy(logits[positions], labels[positions + 1], reduction="none")
+        cached = torch.from_numpy(cache.sample(index))
+        assert cached.shape == direct.shape
+        torch.testing.assert_close(cached, direct, atol=2e-3, rtol=1e-3)  # float16 storage
+    assert cache.num_units == sum(int((s["labels"][1:] != IGNORE_INDEX).sum()) for s in train_dataset())
+
+
+def test_score_twice_says_complete_and_inspect_decodes_tokens(assets, reference_cache):
+    student, teacher = assets
+    again = CliRunner().invoke(cli.main, score_cli(reference_cache, student, teacher))
+    assert again.exit_code == 0 and "already complete" in again.output
+    result = CliRunner().invoke(cli.main, ["inspect", str(reference_cache), "--top", "3", "--json", "--target", "hf",
+                                           "--", "--dataset", "score_assets:train_dataset", "--student", str(student),
+                                           "--dataset-id", "tiny"])
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.output)
+    cache = RefCache.open(reference_cache)
+    assert facts["samples"] == 24 and facts["units"] == cache.num_units
+    values = cache.all_losses()
+    assert facts["ref_loss_mean"] == pytest.approx(values.mean().item(), rel=1e-5)
+    high = facts["most_vision_dependent"]
+    assert [u["ref_loss"] for u in high] == sorted(values.tolist(), reverse=True)[:3]
+    sample = train_dataset()[high[0]["sample"]]
+    target = sample["labels"][1:][sample["labels"][1:] != IGNORE_INDEX][high[0]["k"]]
+    assert high[0]["token"] == f"w{int(target)}" or high[0]["token"] == "</s>"
+    text = CliRunner().invoke(cli.main, ["inspect", str(reference_cache)]).output
+    assert "ref loss" in text and "p50=" in text and "--target" in text
+
+
+def test_torchrun_two_processes_write_the_same_cache(tmp_path, assets, reference_cache):
+    student, teacher = assets
+    out = tmp_path / "cache"
+    proc = run_subprocess(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "regate_plugin", *score_cli(out, student, teacher)])
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert cache_bytes(out) == cache_bytes(reference_cache)
+
+
+def test_sigkill_then_rerun_is_byte_identical_and_never_half_written(tmp_path, assets, reference_cache):
+    student, teacher = assets
+    out = tmp_path / "cache"
+    args = ["-m", "regate_plugin", *score_cli(out, student, teacher, dataset="score_assets:slow_dataset")]
+    proc = run_subprocess(args)
+    partial = tmp_path / "cache.partial"
+    deadline = time.monotonic() + 120
+    while len(list(partial.glob("shard-*.bin"))) < 2:
+        assert proc.poll() is None, "the teacher pass ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()  # nothing under the final name
+    done = sorted(p.name for p in partial.glob("shard-*.bin"))
+    assert 2 <= len(done) < 5
+
+    proc = run_subprocess(args)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert cache_bytes(out) == cache_bytes(reference_cache)
+    assert not partial.exists()
+
+
+def test_teacher_with_another_tokenizer_is_refused_before_any_compute(tmp_path):
+    student, teacher = write_student_and_teacher(tmp_path, teacher_tokenizer_rename=77)
+    out = tmp_path / "cache"
+    result = CliRunner().invoke(cli.main, score_cli(out, student, teacher))
+    assert result.exit_code != 0
+    assert "another tokenizer" in str(result.exception)
+    assert not out.exists() and not (tmp_path / "cache.partial").exists()
+
+
+def test_changed_dataset_is_refused_before_any_compute(tmp_path, monkeypatch, assets, reference_cache):
+    student, teacher = assets
+    monkeypatch.setattr(score_assets, "NUM_SAMPLES", 20)  # the dataset changed since scoring
+    result = CliRunner().invoke(cli.main, score_cli(reference_cache, student, teacher))
+    assert isinstance(result.exception, CacheMismatchError) and "dataset: cache has 'tiny|n=24" in str(result.exception)
+    source = hf.HFScoringSource(train_dataset(), str(student), "tiny")
+    with pytest.raises(CacheMismatchError, match="dataset"):
+        RefCache.open(reference_cache, expect=source.expected())
+    monkeypatch.setattr(score_assets, "NUM_SAMPLES", 24)
+    source = hf.HFScoringSource(train_dataset(), str(student), "tiny")
+    RefCache.open(reference_cache, expect=source.expected())  # unchanged: accepted
+
+
+def test_library_call_without_cli(tmp_path, assets, reference_cache):
+    student, teacher_dir = assets
+    source = hf.HFScoringSource(train_dataset(), str(student), "tiny", teacher=str(teacher_dir))
+    teacher = load_teacher(str(teacher_dir), torch.device("cpu"), torch.float32)
+    cache = score_dataset(source, teacher, tmp_path / "cache", batch_size=3, shard_size=5, progress=False)
+    assert cache_bytes(cache.path) == cache_bytes(reference_cache)
