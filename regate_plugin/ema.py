@@ -17,7 +17,7 @@ import torch.distributed as dist
 class EMATable:
     """m <- beta*m + (1-beta)*loss per unit; float32 (4 bytes a unit: 665k x 150 units = 0.4 GB)."""
 
-    def __init__(self, initial: torch.Tensor, offsets: torch.Tensor, beta: float) -> None:
+    def __init__(self, initial: torch.Tensor, offsets: torch.Tensor, beta: float, exchange_inits: bool = False) -> None:
         offsets = torch.as_tensor(offsets, dtype=torch.int64).cpu()
         if offsets.dim() != 1 or offsets.numel() < 1 or offsets[0] != 0 or (offsets.diff() < 0).any():
             raise ValueError("offsets must be a non-decreasing 1-D int64 tensor starting at 0")
@@ -26,8 +26,10 @@ class EMATable:
         self.values = torch.as_tensor(initial).detach().to(device="cpu", dtype=torch.float32).clone()
         self.offsets = offsets
         self.beta = float(beta)
+        self.exchange_inits = exchange_inits  # starting values arrive during training (online cache)
         self._pending_index: list[torch.Tensor] = []
         self._pending_loss: list[torch.Tensor] = []
+        self._pending_init: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @property
     def num_samples(self) -> int:
@@ -52,16 +54,28 @@ class EMATable:
         self._pending_index.append(flat_index.detach().to("cpu", torch.int64))
         self._pending_loss.append(losses.detach().to("cpu", torch.float32))
 
-    def commit(self, group: Any = None) -> int:
-        """Exchange the queued updates across ranks (if distributed) and apply them; returns how many."""
-        index = torch.cat(self._pending_index) if self._pending_index else torch.zeros(0, dtype=torch.int64)
-        loss = torch.cat(self._pending_loss) if self._pending_loss else torch.zeros(0)
+    def initialize(self, flat_index: torch.Tensor, values: torch.Tensor) -> None:
+        """Set starting values of units that have none yet (NaN), now and, at commit, on every rank."""
+        unset = torch.isnan(self.values[flat_index])
+        self.values[flat_index[unset]] = values[unset].to(torch.float32)
+        self._pending_init.append((flat_index.cpu(), values.cpu().to(torch.float32)))
+
+    def commit(self, group: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exchange the step's queued starting values and updates across ranks, apply them in rank
+        order, and return the starting values gathered (for the online cache of every rank)."""
+        init_index, init_values = _concat([i for i, _ in self._pending_init], [v for _, v in self._pending_init])
+        index, loss = _concat(self._pending_index, self._pending_loss)
         self._pending_index.clear()
         self._pending_loss.clear()
+        self._pending_init.clear()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+            if self.exchange_inits:
+                init_index, init_values = all_gather_updates(init_index, init_values, group)
             index, loss = all_gather_updates(index, loss, group)
+        unset = torch.isnan(self.values[init_index])
+        self.values[init_index[unset]] = init_values[unset]
         self.apply(index, loss)
-        return index.numel()
+        return init_index, init_values
 
     def apply(self, flat_index: torch.Tensor, losses: torch.Tensor) -> None:
         """Apply updates in order; a unit listed twice is updated twice. Non-finite losses are skipped."""
@@ -85,7 +99,7 @@ class EMATable:
             self.values[idx] = self.beta * self.values[idx] + (1.0 - self.beta) * losses[pick]
 
     def state_dict(self) -> dict[str, Any]:
-        if self._pending_index:
+        if self._pending_index or self._pending_init:
             raise RuntimeError("EMATable.state_dict() called with uncommitted updates: call commit() first")
         return {"values": self.values.clone(), "offsets": self.offsets.clone(), "beta": self.beta}
 
@@ -101,6 +115,13 @@ class EMATable:
         self.beta = float(state["beta"])
         self._pending_index.clear()
         self._pending_loss.clear()
+        self._pending_init.clear()
+
+
+def _concat(indices: list[torch.Tensor], values: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    if not indices:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float32)
+    return torch.cat(indices), torch.cat(values)
 
 
 def all_gather_updates(index: torch.Tensor, loss: torch.Tensor, group: Any = None) -> tuple[torch.Tensor, torch.Tensor]:

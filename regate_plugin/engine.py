@@ -60,7 +60,10 @@ class ReGATEEngine:
         self.config = config
         self.refcache = refcache
         self.pm = pm or plugin_manager()
-        self.ema = None if refcache is None else EMATable(refcache.all_losses(), refcache.offsets_tensor(), config.ema_beta)
+        self.online = hasattr(refcache, "ensure")  # an OnlineRefCache scores samples as they come
+        self.ema = None if refcache is None else EMATable(
+            refcache.all_losses(), refcache.offsets_tensor(), config.ema_beta, exchange_inits=self.online
+        )
         self.step = 0
         self._totals = [0, 0, 0, 0]  # supervised_total, supervised_kept, llm_tokens, padded_tokens
 
@@ -85,6 +88,8 @@ class ReGATEEngine:
         ratio = self.keep_ratio()
         if not self.packing_only:
             sample_ids = self._check_samples(sample_ids, units, labels.shape[0])
+            if self.online:
+                self.ema.initialize(*self.refcache.ensure(sample_ids))
         if ratio >= 1.0:
             unit_keep = torch.ones(len(units), dtype=torch.bool)
         else:
@@ -133,7 +138,9 @@ class ReGATEEngine:
     def end_step(self, group: Any = None) -> StepStats:
         """Commit the step's EMA updates (all ranks), report the step's token counts, advance the step."""
         if not self.packing_only:
-            self.ema.commit(group)
+            inits = self.ema.commit(group)
+            if self.online:
+                self.refcache.fill(*inits)
         stats = StepStats(self.step, self.keep_ratio(), *self._totals)
         self.pm.hook.regate_step_end(stats=stats)
         self._totals = [0, 0, 0, 0]

@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .loss import kept_token_loss
-from .refcache import Fingerprint, RefCache, RefCacheWriter, Shard, sha256_json
+from .refcache import Fingerprint, RefCache, RefCacheWriter, Shard, sha256_json, to_fp16_losses
 from .units import IGNORE_INDEX, find_units
 
 
@@ -176,3 +177,64 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return (dist.get_rank(), dist.get_world_size(), device) if dist.is_initialized() else (0, 1, device)
+
+
+class OnlineRefCache:
+    """Reference losses computed the first time training meets a sample, then kept in memory.
+
+    For data that changes too often to precompute. Costs: the teacher's weights stay on the device
+    (as large as the student's language model: ~14 GB in bf16 for 7B, per rank), one no-grad
+    teacher forward per new sample, and 2 bytes per unit on the host. Unit counts come from a
+    tokenization pass over the text-only samples when it is built. Drop-in for ``RefCache`` in
+    ``ReGATEEngine``, which shares newly computed losses across ranks at each step's end.
+    """
+
+    def __init__(self, source: ScoringSource, teacher: torch.nn.Module, batch_size: int = 8, progress: bool = True) -> None:
+        self.source = source
+        self.teacher = teacher
+        self.batch_size = batch_size
+        self.fingerprint = source.fingerprint
+        counts = [
+            int(find_units(source.text_only(i)[1][None]).counts[0])
+            for i in tqdm(range(len(source)), desc="counting supervised tokens", unit="sample", disable=not progress)
+        ]
+        self.offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+        self.losses = np.full(int(self.offsets[-1]), np.nan, dtype=np.float16)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_units(self) -> int:
+        return len(self.losses)
+
+    def counts(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def offsets_tensor(self) -> torch.Tensor:
+        return torch.from_numpy(self.offsets.copy())
+
+    def all_losses(self) -> torch.Tensor:
+        return torch.from_numpy(self.losses.astype(np.float32))
+
+    def lookup(self, flat_index: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.losses[flat_index.cpu().numpy()].astype(np.float32))
+
+    def ensure(self, sample_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score the samples never seen before; returns their (flat index, loss) pairs."""
+        new = [
+            s for s in sorted(set(sample_ids.tolist()))
+            if self.offsets[s + 1] > self.offsets[s] and np.isnan(self.losses[self.offsets[s]])
+        ]
+        for k in range(0, len(new), self.batch_size):
+            batch = new[k : k + self.batch_size]
+            per_sample = teacher_unit_losses(self.teacher, [self.source.text_only(s) for s in batch], self.source.pad_token_id)
+            for s, values in zip(batch, per_sample):
+                self.losses[self.offsets[s] : self.offsets[s + 1]] = to_fp16_losses(values, f"sample {s}")
+        index = torch.cat([torch.arange(int(self.offsets[s]), int(self.offsets[s + 1])) for s in new]) if new else torch.zeros(0, dtype=torch.long)
+        return index, self.lookup(index)
+
+    def fill(self, flat_index: torch.Tensor, values: torch.Tensor) -> None:
+        """Take losses another rank computed."""
+        self.losses[flat_index.numpy()] = values.numpy().astype(np.float16)

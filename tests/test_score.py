@@ -160,3 +160,81 @@ def test_library_call_without_cli(tmp_path, assets, reference_cache):
     teacher = load_teacher(str(teacher_dir), torch.device("cpu"), torch.float32)
     cache = score_dataset(source, teacher, tmp_path / "cache", batch_size=3, shard_size=5, progress=False)
     assert cache_bytes(cache.path) == cache_bytes(reference_cache)
+
+
+def online_engine(student, teacher_dir):
+    from regate_plugin import ReGATEConfig, ReGATEEngine
+    from regate_plugin.scoring import OnlineRefCache
+
+    source = hf.HFScoringSource(train_dataset(), str(student), "tiny")
+    teacher = load_teacher(str(teacher_dir), torch.device("cpu"), torch.float32)
+    config = ReGATEConfig(warmup=1, cycle=2, dense_steps=1, keep_ratio=0.5)
+    return ReGATEEngine(config, OnlineRefCache(source, teacher, progress=False)), source
+
+
+def test_online_cache_scores_on_first_sight_like_the_offline_pass(assets, reference_cache):
+    from regate_plugin import ReGATEEngine
+    from tiny_hf import collate
+
+    student, teacher_dir = assets
+    online, _ = online_engine(student, teacher_dir)
+    offline = ReGATEEngine(online.config, RefCache.open(reference_cache))
+    assert torch.equal(online.ema.offsets, offline.ema.offsets)
+    assert torch.isnan(online.ema.values).all()
+    data = train_dataset()
+    for step, ids in enumerate([[0, 5, 7], [5, 11, 2], [0, 23, 7]]):
+        batch = collate("llava", [data[i] for i in ids])
+        plans = [e.plan(batch["labels"], batch["attention_mask"], torch.tensor(ids)) for e in (online, offline)]
+        assert torch.equal(plans[0].unit_keep, plans[1].unit_keep)
+        for engine, plan in zip((online, offline), plans):
+            engine.record(plan, torch.full((int(plan.unit_keep.sum()),), 1.5))
+            engine.end_step()
+        seen = torch.cat([torch.arange(int(online.ema.offsets[s]), int(online.ema.offsets[s + 1])) for s in ids])
+        torch.testing.assert_close(online.refcache.lookup(seen), offline.refcache.lookup(seen), atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(online.ema.values[seen], offline.ema.values[seen], atol=2e-3, rtol=1e-3)
+    assert int((~torch.isnan(online.ema.values)).sum()) == sum(
+        int(online.ema.counts(torch.tensor([s]))) for s in {0, 5, 7, 11, 2, 23}
+    )
+
+
+def _online_worker(rank, world, port, student, teacher_dir, out_dir):
+    import torch.distributed as dist
+
+    from tiny_hf import collate
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        engine, _ = online_engine(student, teacher_dir)
+        data = train_dataset()
+        steps = ([[1, 2], [3, 9]], [[3, 4], [10, 1]])[rank]  # sample 3 on both ranks, in different steps
+        for ids in steps:
+            batch = collate("llava", [data[i] for i in ids])
+            plan = engine.plan(batch["labels"], batch["attention_mask"], torch.tensor(ids))
+            engine.record(plan, torch.full((int(plan.unit_keep.sum()),), float(rank + 1)))
+            engine.end_step()
+        torch.save({"ema": engine.ema.values, "ref": engine.refcache.all_losses()}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_online_cache_shares_new_scores_across_ranks(tmp_path, assets):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    student, teacher_dir = assets
+    mp.spawn(_online_worker, args=(2, port, str(student), str(teacher_dir), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    for key in ("ema", "ref"):  # bitwise, NaN (never seen) included
+        assert ranks[0][key].numpy().tobytes() == ranks[1][key].numpy().tobytes()
+    seen = ~torch.isnan(ranks[0]["ref"])
+    assert torch.equal(seen, ~torch.isnan(ranks[0]["ema"]))
+    engine, _ = online_engine(student, teacher_dir)
+    expected = torch.zeros_like(seen)
+    for s in (1, 2, 3, 9, 4, 10):
+        expected[int(engine.ema.offsets[s]) : int(engine.ema.offsets[s + 1])] = True
+    assert torch.equal(seen, expected)
