@@ -190,6 +190,12 @@ class HFScoringSource:
             max_length=int(max_length or min(tokenizer.model_max_length, 2**31 - 1)),
         )
 
+    @staticmethod
+    def load_tokenizer(path: str) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+
     def expected(self) -> dict[str, Any]:
         """The fingerprint fields a training run can check (all but the teacher)."""
         return {k: v for k, v in self.fingerprint.to_dict().items() if k != "teacher"}

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
+import shlex
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,7 +57,9 @@ def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="regate")
-def main() -> None:
+@click.option("--local_rank", "--local-rank", "local_rank", type=int, hidden=True,
+              help="Set by the deepspeed launcher before the command; kept in $LOCAL_RANK.")
+def main(local_rank: int | None) -> None:
     """ReGATE: train LLaVA-style models faster on fewer tokens.
 
     \b
@@ -62,6 +67,8 @@ def main() -> None:
     2. regate train  ...   your usual launch line, with ReGATE on
     Run `regate COMMAND --help` for the options of each command.
     """
+    if local_rank is not None:
+        os.environ["LOCAL_RANK"] = str(local_rank)
 
 
 @main.command("targets")
@@ -153,9 +160,7 @@ def score_command(target: str, teacher: str, out: Path, batch_size: int, shard_s
         cache = RefCache.open(out, expect=source.fingerprint)
         click.echo(f"{out} is already complete for this setup: {cache.num_samples} samples, {cache.num_units} units")
         return
-    from transformers import AutoTokenizer
-
-    check_tokenizers(source.tokenizer_fingerprint, AutoTokenizer.from_pretrained(teacher), teacher)
+    check_tokenizers(source.tokenizer_fingerprint, source.load_tokenizer(teacher), teacher)
     rank, world, device = init_distributed()
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
         dtype, torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -211,7 +216,7 @@ def inspect_command(cache_dir: Path, target: str | None, top: int, as_json: bool
     pct = "  ".join(f"p{p}={v:.3f}" for p, v in facts["ref_loss_percentiles"].items())
     click.echo(f"ref loss     mean {facts['ref_loss_mean']:.3f}  {pct}")
     for key, value in facts["fingerprint"].items():
-        click.echo(f"  {key:13s}{value}")
+        click.echo(f"  {key:15s}{value}")
     for title, key in (("most vision-dependent", "most_vision_dependent"), ("least vision-dependent", "least_vision_dependent")):
         if key in facts:
             click.echo(f"{title} (highest/lowest reference loss):")
@@ -219,3 +224,49 @@ def inspect_command(cache_dir: Path, target: str | None, top: int, as_json: bool
                 click.echo(f"  {u['ref_loss']:7.3f}  sample {u['sample']:>7} k={u['k']:<4} ...{u['context']!r} -> {u['token']!r}")
     if not target:
         click.echo("(add --target T -- <target args> to see the most and least vision-dependent tokens as text)")
+
+
+@main.command("train", context_settings={"ignore_unknown_options": True})
+@click.option("--target", required=True, help="The codebase to patch and launch (see `regate targets`).")
+@click.option("--regate/--no-regate", "enabled", default=True, show_default=True,
+              help="--no-regate runs upstream unchanged: the A/B baseline.")
+@click.option("--ref-cache", type=click.Path(path_type=Path), help="Reference cache from `regate score`.")
+@click.option("--packing-only", is_flag=True, help="Remove padding by packing, elide nothing (needs no cache).")
+@click.option("--attn-implementation", help="Upstream attention for unpacked forwards [flash_attention_2 if "
+              "flash-attn is installed, else sdpa].")
+@click.option("--dry-run", is_flag=True, help="Print the resolved configuration and command, and exit.")
+@config_options
+@click.argument("target_args", nargs=-1, type=click.UNPROCESSED)
+def train_command(target: str, enabled: bool, ref_cache: Path | None, packing_only: bool,
+                  attn_implementation: str | None, dry_run: bool, config: ReGATEConfig,
+                  target_args: tuple[str, ...]) -> None:
+    """Run the target's own training with ReGATE, in this process (under deepspeed or torchrun too).
+
+    \b
+    Arguments after `--` are the upstream training arguments, unchanged:
+      deepspeed $(command -v regate) train --target llava --ref-cache refcache/ -- \\
+          --deepspeed scripts/zero3.json --model_name_or_path lmsys/vicuna-7b-v1.5 ...
+    """
+    spec = targets().get(target) if dry_run else None
+    spec = spec or _target(target)
+    if spec.launch is None:
+        raise click.ClickException(f"the {target} target is enabled from your own script, not launched: see README")
+    if enabled and not packing_only and ref_cache is None:
+        raise click.UsageError("--regate needs --ref-cache (from `regate score`), or --packing-only")
+    mode = "upstream (no ReGATE)" if not enabled else "packing only" if packing_only else "ReGATE"
+    if dry_run:
+        status = "n/a" if ref_cache is None else "complete" if (ref_cache / "meta.json").is_file() else (
+            "partial (rerun regate score)" if ref_cache.with_name(ref_cache.name + ".partial").is_dir() else "missing")
+        resolved = {
+            "target": target, "mode": mode, "config": config.to_dict() if enabled else None,
+            "ref_cache": str(ref_cache) if ref_cache else None, "ref_cache_status": status,
+            "attn_implementation": attn_implementation or "default",
+            "launcher": {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k in os.environ},
+            "command": shlex.join([sys.argv[0], *sys.argv[1:]]),
+            "upstream_args": shlex.join(target_args),
+        }
+        click.echo(json.dumps(resolved, indent=2))
+        return
+    if enabled:
+        spec.apply(config, None if packing_only else str(ref_cache))
+    spec.launch(list(target_args), attn_implementation)

@@ -33,8 +33,10 @@ class Target:
 
     name: the ``--target`` value; summary: one line for ``regate targets``;
     requirement: None when the codebase and its versions are importable here, else what to install;
-    apply: patches the codebase in this process for a config (idempotent: applying twice is a no-op),
-    for targets that ``regate train`` launches; None for targets enabled from the user's own script;
+    apply: patches the codebase in this process for a config and a reference-cache path (None:
+    packing only); idempotent. None for targets enabled from the user's own script;
+    launch: runs the codebase's own training entry point in this process on its command-line
+    arguments and an attention implementation (None: the target's default);
     scoring_source: builds the teacher pass's ``ScoringSource`` from the arguments after ``--`` of
     ``regate score`` and the teacher's path, with the target's own preprocessing.
     """
@@ -42,7 +44,8 @@ class Target:
     name: str
     summary: str
     requirement: Callable[[], str | None] = field(default=lambda: None)
-    apply: Callable[["ReGATEConfig"], None] | None = None
+    apply: Callable[["ReGATEConfig", str | None], None] | None = None
+    launch: Callable[[list[str], str | None], None] | None = None
     scoring_source: Callable[[list[str], str], "ScoringSource"] | None = None
 
 

@@ -1,0 +1,271 @@
+"""Target ``llava``: haotian-liu/LLaVA (PyPI ``llava-torch`` 1.2.2.post1; transformers 4.36-4.37).
+
+``regate train --target llava -- <LLaVA's own training arguments>`` applies these patches and runs
+``llava.train.train.train()`` in-process:
+
+* ``LazySupervisedDataset.__getitem__`` adds the sample's index; the data collator stacks it.
+* ``LLaVATrainer.__init__`` opens the reference cache against this run's data, tokenizer and
+  visual-token count (refusing a mismatch before any step) and attaches ReGATE's callback.
+* ``LlavaLlamaForCausalLM.forward``, on training forwards with labels, runs upstream's
+  ``prepare_inputs_labels_for_multimodal``, then units -> selection -> packing -> the decoder
+  layers through the legacy attention shim -> the loss on kept rows -> EMA. ``generate()`` and
+  label-free forwards run upstream code.
+
+``regate score --target llava`` builds each sample through LLaVA's own ``preprocess`` and runs
+LLaVA's own ``prepare_inputs_labels_for_multimodal`` on stand-in embeddings that carry token ids,
+so the text-only sequence matches the student's merged one by construction, truncation included.
+Images are never decoded: the visual-token count comes from the vision tower's config.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from regate_plugin.config import ReGATEConfig
+from regate_plugin.engine import SAMPLE_INDEX_KEY, ReGATEEngine
+from regate_plugin.hookspecs import Target, hookimpl
+from regate_plugin.packing import pack
+from regate_plugin.refcache import Fingerprint, RefCache
+from regate_plugin.scoring import dataset_probe, teacher_fingerprint, tokenizer_fingerprint
+from regate_plugin.versions import require
+
+from . import legacy_attention
+
+_run: dict[str, Any] = {"config": None, "ref_cache": None, "engine": None}
+
+
+def requirement() -> str | None:
+    if importlib.util.find_spec("llava") is None:
+        return "LLaVA is not importable: pip install --no-deps llava-torch==1.2.2.post1, or run from a LLaVA checkout"
+    return require("transformers", ">=4.36,<4.38")
+
+
+def apply(config: ReGATEConfig, ref_cache: str | None) -> None:
+    """Patch LLaVA's training code for ReGATE (``ref_cache=None``: packing only). Idempotent."""
+    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+    from llava.train import llava_trainer, train
+
+    _run.update(config=config, ref_cache=ref_cache, engine=None)
+    _wrap(train.LazySupervisedDataset, "__getitem__", _getitem)
+    _wrap(train.DataCollatorForSupervisedDataset, "__call__", _collate)
+    _wrap(llava_trainer.LLaVATrainer, "__init__", _trainer_init)
+    _wrap(LlavaLlamaForCausalLM, "__init__", _model_init)
+    _wrap(LlavaLlamaForCausalLM, "forward", _forward)
+
+
+def launch(args: list[str], attn_implementation: str | None = None) -> None:
+    """Run LLaVA's own ``train()`` on ``args`` (its command-line arguments), in this process."""
+    from llava.train import train
+
+    if attn_implementation is None:
+        attn_implementation = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+    sys.argv = [sys.argv[0], *args]
+    train.train(attn_implementation=attn_implementation)
+
+
+def _wrap(cls: type, name: str, replacement) -> None:
+    """Replace ``cls.name`` by ``replacement(self, original, ...)``, once."""
+    original = getattr(cls, name)
+    if getattr(original, "_regate_original", None) is not None:
+        return
+
+    @functools.wraps(original)
+    def patched(self, *args, **kwargs):
+        return replacement(self, original, *args, **kwargs)
+
+    patched._regate_original = original
+    setattr(cls, name, patched)
+
+
+def _getitem(self, original, index):
+    item = original(self, index)
+    item[SAMPLE_INDEX_KEY] = index
+    return item
+
+
+def _collate(self, original, instances):
+    indices = [int(instance[SAMPLE_INDEX_KEY]) for instance in instances]
+    batch = original(self, [{k: v for k, v in i.items() if k != SAMPLE_INDEX_KEY} for i in instances])
+    batch[SAMPLE_INDEX_KEY] = torch.tensor(indices, dtype=torch.long)
+    return batch
+
+
+def _model_init(self, original, *args, **kwargs):
+    original(self, *args, **kwargs)
+    legacy_attention.install(self.model, _run["config"].attn_backend)
+
+
+def _trainer_init(self, original, *args, **kwargs):
+    from regate_plugin.trainer import attach
+
+    original(self, *args, **kwargs)
+    cache = None
+    if _run["ref_cache"] is not None:  # check the cache against this run before any step
+        dataset, num_visual = self.train_dataset, self.model.get_vision_tower().num_patches
+        text_only = _TextOnly(dataset.tokenizer, dataset.data_args, num_visual)
+        expected = _fingerprint_fields(
+            dataset.list_data_dict, dataset.data_args.data_path, dataset.tokenizer, num_visual,
+            dataset.data_args.image_aspect_ratio, lambda i: text_only.sample(dataset.list_data_dict[i]),
+        )
+        cache = RefCache.open(_run["ref_cache"], expect=expected)
+    _run["engine"] = ReGATEEngine(_run["config"], cache)
+    attach(self, _run["engine"])
+
+
+def _forward(self, original, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+             inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+             images=None, image_sizes=None, return_dict=None, **kwargs):
+    sample_index = kwargs.pop(SAMPLE_INDEX_KEY, None)
+    engine: ReGATEEngine | None = _run["engine"]
+    if engine is None or not self.training or labels is None or inputs_embeds is not None:
+        return original(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                        output_attentions=output_attentions, output_hidden_states=output_hidden_states, images=images,
+                        image_sizes=image_sizes, return_dict=return_dict, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    _, position_ids, attention_mask, _, embeds, labels = self.prepare_inputs_labels_for_multimodal(
+        input_ids, position_ids, attention_mask, None, labels, images, image_sizes
+    )
+    plan = engine.plan(labels, attention_mask, sample_index, position_ids)
+    packed = plan.packed
+    cu = packed.cu_seqlens.to(embeds.device)
+    hidden = legacy_attention.packed_decoder(self.model, pack(embeds, packed), packed.position_ids.to(embeds.device),
+                                             cu, packed.max_seqlen)
+    return CausalLMOutputWithPast(loss=engine.loss(plan, hidden, self.lm_head))
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher pass
+# ---------------------------------------------------------------------------------------------
+
+
+class _TokenIdCarrier:
+    """Stands in for the model in LLaVA's ``prepare_inputs_labels_for_multimodal``: one-dimensional
+    'embeddings' that hold the token ids (float64, exact), the pad id for every visual feature."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, num_visual: int, pad_token_id: int, max_length: int, padding_side: str) -> None:
+        self.num_visual, self.pad_token_id = num_visual, pad_token_id
+        self.config = SimpleNamespace(image_aspect_ratio="pad", mm_patch_merge_type="flat", tune_mm_mlp_adapter=False,
+                                      tokenizer_model_max_length=max_length, tokenizer_padding_side=padding_side)
+
+    def get_vision_tower(self):
+        return self
+
+    def get_model(self):
+        return self
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids.double().unsqueeze(-1)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.full((images.shape[0], self.num_visual, 1), float(self.pad_token_id), dtype=torch.float64)
+
+
+class _TextOnly:
+    """LLaVA's tokenization of one record, merged text-only by LLaVA's own merge code."""
+
+    def __init__(self, tokenizer, data_args, num_visual: int) -> None:
+        from llava.model.llava_arch import LlavaMetaForCausalLM
+
+        self.tokenizer, self.data_args = tokenizer, data_args
+        self.carrier = _TokenIdCarrier(num_visual, tokenizer.pad_token_id, tokenizer.model_max_length, tokenizer.padding_side)
+        self.merge = LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal
+
+    def sample(self, record: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        from llava.train.train import preprocess, preprocess_multimodal
+
+        has_image = "image" in record
+        conversations = copy.deepcopy([record["conversations"]])
+        if has_image:
+            conversations = preprocess_multimodal(conversations, self.data_args)
+        data = preprocess(conversations, self.tokenizer, has_image=has_image)
+        input_ids, labels = data["input_ids"][0][None], data["labels"][0][None]
+        _, _, _, _, embeds, merged_labels = self.merge(
+            self.carrier, input_ids, None, torch.ones_like(input_ids, dtype=torch.bool), None, labels,
+            torch.zeros(1, 1, 1, 1),
+        )
+        return embeds[0, :, 0].long(), merged_labels[0]
+
+
+def _dataset_field(data_path: str, num_samples: int, probe: str) -> str:
+    from llava import conversation
+
+    digest = hashlib.sha256(Path(data_path).read_bytes()).hexdigest()[:16]
+    template = conversation.default_conversation
+    return f"{Path(data_path).name}:{digest}|n={num_samples}|conv={template.version}/{template.sep_style.name}|probe={probe}"
+
+
+def _fingerprint_fields(records, data_path, tokenizer, num_visual, aspect_ratio, text_only) -> dict[str, Any]:
+    return {
+        "dataset": _dataset_field(data_path, len(records), dataset_probe(text_only, len(records))),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "visual_tokens": f"{num_visual} per image (image_aspect_ratio={aspect_ratio})",
+        "max_length": int(tokenizer.model_max_length),
+    }
+
+
+class LlavaScoringSource:
+    """Samples of a LLaVA training run, text-only, from the same arguments as the run itself."""
+
+    def __init__(self, args: list[str], teacher: str) -> None:
+        import transformers
+        from llava import conversation
+        from llava.train.train import DataArguments, ModelArguments, TrainingArguments
+
+        parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=args)
+        if model_args.version in ("v0", "v0.5") or model_args.mm_use_im_start_end:
+            raise ValueError("regate supports LLaVA's v1-style templates without image start/end tokens (LLaVA-1.5 recipes)")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            model_args.model_name_or_path, model_max_length=training_args.model_max_length, padding_side="right", use_fast=False
+        )
+        # As train() does for v1-style versions.
+        tokenizer.pad_token = tokenizer.unk_token
+        conversation.default_conversation = conversation.conv_templates.get(
+            model_args.version, conversation.conv_templates["vicuna_v1"]
+        )
+        data_args.is_multimodal = True
+        data_args.mm_use_im_start_end = model_args.mm_use_im_start_end
+        vision = transformers.CLIPVisionConfig.from_pretrained(model_args.vision_tower)
+        num_visual = (vision.image_size // vision.patch_size) ** 2
+        self.records = json.loads(Path(data_args.data_path).read_text())
+        self._text_only = _TextOnly(tokenizer, data_args, num_visual)
+        self.pad_token_id = tokenizer.pad_token_id
+        self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
+        self.decode = tokenizer.decode
+        fields = _fingerprint_fields(self.records, data_args.data_path, tokenizer, num_visual,
+                                     data_args.image_aspect_ratio, self.text_only)
+        self.fingerprint = Fingerprint(teacher=teacher_fingerprint(teacher) if teacher else "", **fields)
+
+    @staticmethod
+    def load_tokenizer(path: str) -> Any:
+        import transformers
+
+        return transformers.AutoTokenizer.from_pretrained(path, use_fast=False)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def text_only(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._text_only.sample(self.records[index])
+
+
+@hookimpl
+def regate_targets() -> list[Target]:
+    return [Target(
+        "llava", "haotian-liu/LLaVA (llava-torch 1.2.2.post1, transformers 4.36-4.37): regate train --target llava -- ...",
+        requirement=requirement, apply=apply, launch=launch, scoring_source=LlavaScoringSource,
+    )]
