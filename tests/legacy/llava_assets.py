@@ -50,6 +50,12 @@ def build(root: Path, samples: int = 24, seed: int = 0) -> dict[str, Path]:
     CLIPVisionModel(vision).save_pretrained(tower, safe_serialization=False)
     CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(tower)
 
+    # The projector that pre-training would have produced: makes runs start from the same weights.
+    projector = {f"model.mm_projector.{name}": tensor for name, tensor in torch.nn.Sequential(
+        torch.nn.Linear(vision.hidden_size, config.hidden_size), torch.nn.GELU(), torch.nn.Linear(config.hidden_size, config.hidden_size),
+    ).state_dict().items()}
+    torch.save(projector, root / "mm_projector.bin")
+
     records = []
     for i in range(samples):
         color = rng.choice(sorted(COLORS))
@@ -62,7 +68,7 @@ def build(root: Path, samples: int = 24, seed: int = 0) -> dict[str, Path]:
         records.append({"id": str(i), "image": f"{i}.png", "conversations": turns})
     data = root / "data.json"
     data.write_text(json.dumps(records))
-    return {"llm": llm, "clip": tower, "images": images, "data": data}
+    return {"llm": llm, "clip": tower, "images": images, "data": data, "projector": root / "mm_projector.bin"}
 
 
 def llava_args(assets: dict[str, Path], output_dir: Path, steps: int = 20, **overrides: str) -> list[str]:
@@ -70,6 +76,7 @@ def llava_args(assets: dict[str, Path], output_dir: Path, steps: int = 20, **ove
     args = {
         "--model_name_or_path": str(assets["llm"]), "--version": "v1", "--data_path": str(assets["data"]),
         "--image_folder": str(assets["images"]), "--vision_tower": str(assets["clip"]),
+        "--pretrain_mm_mlp_adapter": str(assets["projector"]),
         "--mm_projector_type": "mlp2x_gelu", "--mm_vision_select_layer": "-2", "--mm_use_im_start_end": "False",
         "--mm_use_im_patch_token": "False", "--image_aspect_ratio": "pad", "--group_by_modality_length": "False",
         "--bf16": "False", "--output_dir": str(output_dir), "--max_steps": str(steps),

@@ -1,0 +1,31 @@
+"""Test sessions: the modern stack, and LLaVA's legacy stack in an environment of its own.
+
+    pip install nox && nox          # everything (what .ci/run runs)
+    nox -s tests                    # transformers >= 4.53 only
+"""
+
+import nox
+
+nox.options.sessions = ["tests", "llava"]
+nox.options.reuse_existing_virtualenvs = True
+TORCH = "torch==2.13.0"  # on a machine with a GPU, the CUDA build of the same release
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Engine, hf target, teacher pass, recipes: transformers >= 4.53."""
+    session.install(TORCH)
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", "tests", *session.posargs)
+
+
+@nox.session
+@nox.parametrize("transformers", ["4.37.2", "4.36.2"])
+def llava(session: nox.Session, transformers: str) -> None:
+    """haotian-liu/LLaVA (llava-torch 1.2.2.post1, installed without its pins) on its own stack."""
+    session.install(TORCH)
+    session.install(f"transformers=={transformers}", "tokenizers==0.15.2", "sentencepiece", "pillow",
+                    "accelerate==0.34.2", "peft==0.4.0", "pytest")
+    session.install("--no-deps", "llava-torch==1.2.2.post1")
+    session.install("-e", ".")
+    session.run("python", "-m", "pytest", "tests/legacy", *session.posargs)
