@@ -16,11 +16,12 @@ from typing import Any
 
 import pluggy
 import torch
+import torch.distributed as dist
 
 from .config import ReGATEConfig
 from .ema import EMATable
 from .hookspecs import StepStats
-from .loss import kept_token_loss
+from .loss import chunk_count, kept_token_loss
 from .packing import Packed, pack_plan
 from .plugins import plugin_manager
 from .refcache import RefCache
@@ -62,7 +63,7 @@ class ReGATEEngine:
         self.pm = pm or plugin_manager()
         self.online = hasattr(refcache, "ensure")  # an OnlineRefCache scores samples as they come
         self.ema = None if refcache is None else EMATable(
-            refcache.all_losses(), refcache.offsets_tensor(), config.ema_beta, exchange_inits=self.online
+            refcache.all_losses(), refcache.offsets_tensor(), config.ema_beta, exchange_inits=self.online, copy=False
         )
         self.step = 0
         self._totals = [0, 0, 0, 0]  # supervised_total, supervised_kept, llm_tokens, padded_tokens
@@ -121,7 +122,12 @@ class ReGATEEngine:
         which on a dense step is exactly the upstream ``sum / num_items_in_batch``.
         """
         rows = plan.packed.loss_rows()
-        mean, per_unit = kept_token_loss(hidden, lm_head, rows, plan.packed.targets[rows], self.config.loss_chunk_rows)
+        chunks = chunk_count(rows.numel(), self.config.loss_chunk_rows)
+        if _is_partitioned(lm_head):  # ZeRO-3: every rank calls the LM head equally often
+            chunks = _max_across_ranks(chunks, hidden.device)
+        mean, per_unit = kept_token_loss(
+            hidden, lm_head, rows, plan.packed.targets[rows], self.config.loss_chunk_rows, min_chunks=max(chunks, 1)
+        )
         self.record(plan, per_unit)
         if num_items_in_batch is None:
             return mean
@@ -185,3 +191,16 @@ class ReGATEEngine:
                 "`regate score`, or the sample index does not match the sample; rebuild the cache for this setup"
             )
         return sample_ids
+
+
+def _is_partitioned(module: torch.nn.Module) -> bool:
+    """True when DeepSpeed ZeRO-3 partitions the module's weights (they carry a ``ds_id``)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def _max_across_ranks(value: int, device: torch.device) -> int:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())

@@ -17,28 +17,32 @@ def kept_token_loss(
     rows: torch.Tensor,
     targets: torch.Tensor,
     chunk_rows: int = 4096,
+    min_chunks: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy over ``rows`` of ``hidden``, and each row's loss (detached, fp32) for the EMA.
 
     hidden: (T, D) or (1, T, D) final hidden states of the packed row; rows: (U,) packed positions
     to score; targets: (U,) their next-token labels. The LM head is called as a module, so ZeRO-3
     gathers its weight. With gradients on, each chunk's logits are recomputed in backward instead
-    of being kept, so no more than ``chunk_rows`` rows of logits exist at once.
+    of being kept, so no more than ``chunk_rows`` rows of logits exist at once. ``min_chunks`` pads
+    with empty chunks: under ZeRO-3 every rank must call the LM head equally often (each call
+    gathers its weight collectively), so ranks pass the largest chunk count of any rank.
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
-    if rows.numel() == 0:
-        # No supervised unit kept: a zero loss that still reaches the LM head and the hidden states,
-        # so every parameter gets a (zero) gradient and ZeRO-3 sees the LM head called as on other ranks.
-        zero = (lm_head(hidden[:0]).sum() + hidden.sum()) * 0.0
-        return zero, hidden.new_zeros(0, dtype=torch.float32)
     selected = hidden[rows]
     recompute = torch.is_grad_enabled()
     losses = []
-    for start in range(0, rows.numel(), chunk_rows):
-        part = (selected[start : start + chunk_rows], targets[start : start + chunk_rows])
+    for chunk in range(max(chunk_count(rows.numel(), chunk_rows), min_chunks)):
+        part = (selected[chunk * chunk_rows : (chunk + 1) * chunk_rows], targets[chunk * chunk_rows : (chunk + 1) * chunk_rows])
         if recompute:
             losses.append(checkpoint(_row_losses, lm_head, *part, use_reentrant=False))
         else:
             losses.append(_row_losses(lm_head, *part))
     per_row = torch.cat(losses)
+    if rows.numel() == 0:  # nothing kept: a zero loss that still reaches every parameter (zero gradients)
+        return per_row.sum() + hidden.sum() * 0.0, per_row.detach()
     return per_row.mean(), per_row.detach()
+
+
+def chunk_count(rows: int, chunk_rows: int) -> int:
+    return -(-rows // chunk_rows)
