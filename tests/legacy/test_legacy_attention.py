@@ -52,14 +52,19 @@ def test_packed_logits_and_gradients_equal_each_sample_alone(attn, reentrant):
     hidden = legacy_attention.packed_decoder(model.model, embeds, packed.position_ids, packed.cu_seqlens, packed.max_seqlen)
     logits = model.lm_head(hidden)[0]
 
-    # Reference: the unpatched model over the whole padded batch, with a 4-D mask in which kept
-    # positions see only earlier kept positions of their own row (elided ones also see themselves,
-    # so no softmax row is empty). Upstream cannot run a row with gaps in its positions directly:
-    # its rotary table is cut at the row's length.
+    # Reference: the unpatched model's own layers over the whole padded batch, with an additive 4-D
+    # mask in which kept positions see only earlier kept positions of their own row (elided ones also
+    # see themselves, so no softmax row is empty). Upstream cannot run a row with gaps in its positions
+    # directly (its rotary table is cut at the row's length), and 4.36 takes no 4-D mask at the top.
     length = ids.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     visible = causal & (keep[:, None, :] | torch.eye(length, dtype=torch.bool)) & mask.bool()[:, None, :]
-    ref_logits = reference(input_ids=ids, attention_mask=visible[:, None].long()).logits[keep]
+    additive = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)[:, None]
+    hidden = reference.model.embed_tokens(ids)
+    positions = torch.arange(length).expand(3, length)
+    for layer in reference.model.layers:
+        hidden = layer(hidden, attention_mask=additive, position_ids=positions)[0]
+    ref_logits = reference.lm_head(reference.model.norm(hidden))[keep]
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
 
     weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2))
