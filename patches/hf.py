@@ -121,11 +121,11 @@ def _training_forward(model: torch.nn.Module, engine: ReGATEEngine, sample_index
         plan = engine.plan(labels, text_kwargs.pop("attention_mask", None), sample_index, text_kwargs.pop("position_ids", None))
         plans.append(plan)
         packed = plan.packed
-        cu = packed.cu_seqlens.to(embeds.device)
+        cu = packed.cu_seqlens
         text_kwargs.update(
             inputs_embeds=pack(embeds, packed),
             attention_mask=None,
-            position_ids=packed.position_ids.to(embeds.device),
+            position_ids=packed.position_ids,
             use_cache=False,
             cu_seq_lens_q=cu,
             cu_seq_lens_k=cu,

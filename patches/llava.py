@@ -139,9 +139,8 @@ def _forward(self, original, input_ids=None, attention_mask=None, position_ids=N
     )
     plan = engine.plan(labels, attention_mask, sample_index, position_ids)
     packed = plan.packed
-    cu = packed.cu_seqlens.to(embeds.device)
-    hidden = legacy_attention.packed_decoder(self.model, pack(embeds, packed), packed.position_ids.to(embeds.device),
-                                             cu, packed.max_seqlen)
+    hidden = legacy_attention.packed_decoder(self.model, pack(embeds, packed), packed.position_ids, packed.cu_seqlens,
+                                             packed.max_seqlen)
     return CausalLMOutputWithPast(loss=engine.loss(plan, hidden, self.lm_head))
 
 

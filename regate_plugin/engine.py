@@ -4,9 +4,11 @@ The model-agnostic core a target plugin calls from its patched forward::
 
     plan = engine.plan(labels, attention_mask, sample_ids)      # units -> scores -> keep mask -> Packed
     ... run the language model on pack(embeds, plan.packed) ...
-    loss, per_unit = kept_token_loss(hidden, lm_head, plan.packed.loss_rows(), ...)
-    engine.record(plan, per_unit)                               # queued until the step ends
+    loss = engine.loss(plan, hidden, lm_head)                   # kept rows; queues their losses
     engine.end_step()                                           # exchange across ranks, apply, observe
+
+Planning runs on the host: the labels and mask come over once, every decision is made on small CPU
+tensors, and only the packing plan goes to the model's device. No per-layer or per-unit syncs.
 """
 
 from __future__ import annotations
@@ -38,13 +40,18 @@ class BatchError(ValueError):
 
 @dataclass(frozen=True)
 class StepPlan:
-    """What one micro-batch keeps, and where it goes in the packed row."""
+    """What one micro-batch keeps, and where it goes in the packed row.
+
+    ``packed`` lives on the model's device; ``host`` is the same plan on the CPU; units, keep
+    decisions and sample ids are CPU tensors.
+    """
 
     units: Units
     unit_keep: torch.Tensor
     keep_mask: torch.Tensor
     packed: Packed
-    sample_ids: torch.Tensor
+    host: Packed
+    sample_ids: torch.Tensor | None
     keep_ratio: float
 
 
@@ -85,6 +92,8 @@ class ReGATEEngine:
         position_ids: torch.Tensor | None = None,
     ) -> StepPlan:
         """Find, score and select this micro-batch's units and plan the packed row."""
+        device = labels.device
+        labels, attention_mask, position_ids = (None if t is None else t.cpu() for t in (labels, attention_mask, position_ids))
         units = find_units(labels, attention_mask)
         ratio = self.keep_ratio()
         if not self.packing_only:
@@ -94,18 +103,16 @@ class ReGATEEngine:
         if ratio >= 1.0:
             unit_keep = torch.ones(len(units), dtype=torch.bool)
         else:
-            row, k = units.row.cpu(), units.k.cpu()
-            flat = self.ema.flat_index(sample_ids[row], k)
+            flat = self.ema.flat_index(sample_ids[units.row], units.k)
             scores = self.pm.hook.regate_score(ema=self.ema.lookup(flat), ref=self.refcache.lookup(flat), config=self.config)
-            cpu_units = Units(units.supervised.cpu(), row, units.col.cpu(), k, units.counts.cpu())
-            unit_keep = self.pm.hook.regate_select(scores=scores, units=cpu_units, keep_ratio=ratio, config=self.config)
-        keep_mask = keep_mask_for(attention_mask, units, unit_keep.to(labels.device))
-        packed = pack_plan(keep_mask, labels, units, position_ids)
+            unit_keep = self.pm.hook.regate_select(scores=scores, units=units, keep_ratio=ratio, config=self.config)
+        keep_mask = keep_mask_for(attention_mask, units, unit_keep)
+        host = pack_plan(keep_mask, labels, units, position_ids)
         self._totals[0] += len(units)
         self._totals[1] += int(unit_keep.sum())
-        self._totals[2] += packed.num_tokens
+        self._totals[2] += host.num_tokens
         self._totals[3] += labels.numel()
-        return StepPlan(units, unit_keep, keep_mask, packed, sample_ids, ratio)
+        return StepPlan(units, unit_keep, keep_mask, host.to(device), host, sample_ids, ratio)
 
     def loss(
         self,
@@ -121,7 +128,7 @@ class ReGATEEngine:
         its share of those tokens, as in dense training: sum / num_items * (units / kept units),
         which on a dense step is exactly the upstream ``sum / num_items_in_batch``.
         """
-        rows = plan.packed.loss_rows()
+        rows = plan.packed.loss_rows
         chunks = chunk_count(rows.numel(), self.config.loss_chunk_rows)
         if _is_partitioned(lm_head):  # ZeRO-3: every rank calls the LM head equally often
             chunks = _max_across_ranks(chunks, hidden.device)
@@ -134,12 +141,11 @@ class ReGATEEngine:
         return mean * len(plan.units) / num_items_in_batch
 
     def record(self, plan: StepPlan, per_unit_losses: torch.Tensor) -> None:
-        """Queue the student's losses of the kept units (in ``packed.loss_rows()`` order) for the EMA."""
+        """Queue the student's losses of the kept units (in ``packed.loss_rows`` order) for the EMA."""
         if self.packing_only:
             return
-        rows = plan.packed.loss_rows().cpu()
-        samples = plan.sample_ids[plan.packed.row.cpu()[rows]]
-        self.ema.record(self.ema.flat_index(samples, plan.packed.unit_k.cpu()[rows]), per_unit_losses)
+        rows = plan.host.loss_rows
+        self.ema.record(self.ema.flat_index(plan.sample_ids[plan.host.row[rows]], plan.host.unit_k[rows]), per_unit_losses)
 
     def end_step(self, group: Any = None) -> StepStats:
         """Commit the step's EMA updates (all ranks), report the step's token counts, advance the step."""
@@ -180,7 +186,7 @@ class ReGATEEngine:
                 f"sample {bad} is outside the reference cache, which holds samples 0..{self.ema.num_samples - 1}: "
                 "the cache was built for another (smaller) dataset; rerun `regate score` on this one"
             )
-        found = units.counts.cpu()
+        found = units.counts
         expected = self.ema.counts(sample_ids)
         differ = (found != expected).nonzero(as_tuple=True)[0]
         if differ.numel():

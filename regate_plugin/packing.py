@@ -6,6 +6,7 @@ Kept positions keep their ORIGINAL position ids, so RoPE sees exactly what dense
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ class Packed:
     max_seqlen: longest segment, a Python int (computed once per step, reused by every layer).
     targets: (T,) next-token label of kept supervised positions, IGNORE_INDEX elsewhere.
     unit_k: (T,) k-index of the unit at each packed position, -1 where there is none.
+    loss_rows: (U,) packed positions whose loss is computed: the kept supervised units.
     """
 
     index: torch.Tensor
@@ -34,14 +36,20 @@ class Packed:
     max_seqlen: int
     targets: torch.Tensor
     unit_k: torch.Tensor
+    loss_rows: torch.Tensor
 
     @property
     def num_tokens(self) -> int:
         return self.index.numel()
 
-    def loss_rows(self) -> torch.Tensor:
-        """Packed positions whose loss is computed: the kept supervised units."""
-        return (self.targets != IGNORE_INDEX).nonzero(as_tuple=True)[0]
+    def to(self, device: torch.device | str) -> "Packed":
+        """The plan on ``device`` (copies start without waiting: the host side is planned already)."""
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=True)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, **moved)
 
 
 def pack_plan(
@@ -75,6 +83,7 @@ def pack_plan(
     scored = units.supervised & keep_mask
     targets = torch.where(scored, next_labels, torch.full_like(next_labels, IGNORE_INDEX))
     k_grid = torch.where(scored, units.supervised.long().cumsum(dim=1) - 1, torch.full_like(next_labels, -1))
+    packed_targets = targets[row, col]
     return Packed(
         index=row * length + col,
         row=row,
@@ -82,8 +91,9 @@ def pack_plan(
         position_ids=packed_pos.to(device),
         cu_seqlens=cu_seqlens,
         max_seqlen=max_seqlen,
-        targets=targets[row, col],
+        targets=packed_targets,
         unit_k=k_grid[row, col],
+        loss_rows=(packed_targets != IGNORE_INDEX).nonzero(as_tuple=True)[0],
     )
 
 

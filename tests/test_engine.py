@@ -102,7 +102,7 @@ def test_packed_sparse_loss_equals_per_sample_deletion(cache, step):
 
     model = ToyLM()
     hidden = model.hidden_packed(tokens, plan.packed)
-    rows = plan.packed.loss_rows()
+    rows = plan.packed.loss_rows
     loss, per_unit = kept_token_loss(hidden, model.head, rows, plan.packed.targets[rows])
     ref = reference_loss(model, tokens, labels, mask, plan.keep_mask)
     assert loss.item() == pytest.approx(ref.item(), abs=1e-5)

@@ -127,7 +127,7 @@ def test_pack_sample_without_units_keeps_its_prompt():
     assert packed.col.tolist() == [0, 1, 2, 1, 2]  # (1, 0) elided; positions 1, 2 keep their ids
     assert packed.position_ids.tolist() == [[0, 1, 2, 1, 2]]
     assert packed.targets.tolist() == [-100, -100, -100, 5, -100]
-    assert packed.loss_rows().tolist() == [3]
+    assert packed.loss_rows.tolist() == [3]
     assert packed.cu_seqlens.tolist() == [0, 3, 5]
 
 
@@ -149,4 +149,4 @@ def test_pack_empty_batch_row():
     packed = pack_plan(keep_mask_for(mask, units, torch.zeros(0, dtype=torch.bool)), labels, units)
     assert packed.cu_seqlens.tolist() == [0, 2]  # fully padded row gets no segment
     assert packed.max_seqlen == 2
-    assert packed.loss_rows().numel() == 0
+    assert packed.loss_rows.numel() == 0
