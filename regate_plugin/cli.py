@@ -270,3 +270,12 @@ def train_command(target: str, enabled: bool, ref_cache: Path | None, packing_on
     if enabled:
         spec.apply(config, None if packing_only else str(ref_cache))
     spec.launch(list(target_args), attn_implementation)
+
+
+def _register_commands() -> None:
+    from . import bench
+
+    main.add_command(bench.command)
+
+
+_register_commands()
