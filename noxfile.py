@@ -6,7 +6,7 @@
 
 import nox
 
-nox.options.sessions = ["tests", "llava"]
+nox.options.sessions = ["tests", "llava", "videollama2"]
 nox.options.reuse_existing_virtualenvs = True
 TORCH = "torch==2.13.0"  # on a machine with a GPU, the CUDA build of the same release
 
@@ -29,3 +29,20 @@ def llava(session: nox.Session, transformers: str) -> None:
     session.install("--no-deps", "llava-torch==1.2.2.post1")
     session.install("-e", ".")
     session.run("python", "-m", "pytest", "tests/legacy", *session.posargs)
+
+
+@nox.session
+@nox.parametrize("transformers", ["4.40.0", "4.42.3"])
+def videollama2(session: nox.Session, transformers: str) -> None:
+    """DAMO-NLP-SG/VideoLLaMA2 (a checkout, not on PyPI) on its own stack: the Qwen2/Mistral attention
+    shim always; upstream's own train() too when REGATE_VIDEOLLAMA2_SRC points at a checkout of main."""
+    session.install(TORCH)
+    session.install(f"transformers=={transformers}", "tokenizers==0.19.1", "accelerate==0.26.1", "peft==0.4.0",
+                    "numpy<2", "pillow", "sentencepiece", "einops", "decord==0.6.0", "imageio==2.34.0",
+                    "opencv-python-headless", "hjson", "msgpack", "ninja", "psutil", "py-cpuinfo", "pydantic>=2", "pytest")
+    # Without their pins, which would pull another torch: upstream's connector imports timm, timm imports
+    # torchvision (0.16.2's Python code runs on any torch; its CUDA ops are not used), and upstream's LoRA
+    # saving imports deepspeed.
+    session.install("--no-deps", "timm==1.0.3", "torchvision==0.16.2", "deepspeed==0.19.8")
+    session.install("-e", ".")
+    session.run("python", "-m", "pytest", "tests/legacy_vl2", *session.posargs, env={"OMP_NUM_THREADS": "1"})

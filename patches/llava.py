@@ -20,11 +20,9 @@ Images are never decoded: the visual-token count comes from the vision tower's c
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -34,12 +32,11 @@ import torch
 from regate_plugin.config import ReGATEConfig
 from regate_plugin.engine import SAMPLE_INDEX_KEY, ReGATEEngine
 from regate_plugin.hookspecs import Target, hookimpl
-from regate_plugin.packing import pack
 from regate_plugin.refcache import Fingerprint, RefCache
 from regate_plugin.scoring import dataset_probe, teacher_fingerprint, tokenizer_fingerprint
 from regate_plugin.versions import require
 
-from . import legacy_attention
+from . import upstream
 
 _run: dict[str, Any] = {"config": None, "ref_cache": None, "engine": None}
 
@@ -56,53 +53,18 @@ def apply(config: ReGATEConfig, ref_cache: str | None) -> None:
     from llava.train import llava_trainer, train
 
     _run.update(config=config, ref_cache=ref_cache, engine=None)
-    _wrap(train.LazySupervisedDataset, "__getitem__", _getitem)
-    _wrap(train.DataCollatorForSupervisedDataset, "__call__", _collate)
-    _wrap(llava_trainer.LLaVATrainer, "__init__", _trainer_init)
-    _wrap(LlavaLlamaForCausalLM, "__init__", _model_init)
-    _wrap(LlavaLlamaForCausalLM, "forward", _forward)
+    upstream.wrap(train.LazySupervisedDataset, "__getitem__", upstream.getitem_with_index)
+    upstream.wrap(train.DataCollatorForSupervisedDataset, "__call__", upstream.collate_with_index)
+    upstream.wrap(llava_trainer.LLaVATrainer, "__init__", _trainer_init)
+    upstream.wrap(LlavaLlamaForCausalLM, "__init__", upstream.shim_init(_run))
+    upstream.wrap(LlavaLlamaForCausalLM, "forward", _forward)
 
 
 def launch(args: list[str], attn_implementation: str | None = None) -> None:
     """Run LLaVA's own ``train()`` on ``args`` (its command-line arguments), in this process."""
     from llava.train import train
 
-    if attn_implementation is None:
-        attn_implementation = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
-    sys.argv = [sys.argv[0], *args]
-    train.train(attn_implementation=attn_implementation)
-
-
-def _wrap(cls: type, name: str, replacement) -> None:
-    """Replace ``cls.name`` by ``replacement(self, original, ...)``, once."""
-    original = getattr(cls, name)
-    if getattr(original, "_regate_original", None) is not None:
-        return
-
-    @functools.wraps(original)
-    def patched(self, *args, **kwargs):
-        return replacement(self, original, *args, **kwargs)
-
-    patched._regate_original = original
-    setattr(cls, name, patched)
-
-
-def _getitem(self, original, index):
-    item = original(self, index)
-    item[SAMPLE_INDEX_KEY] = index
-    return item
-
-
-def _collate(self, original, instances):
-    indices = [int(instance[SAMPLE_INDEX_KEY]) for instance in instances]
-    batch = original(self, [{k: v for k, v in i.items() if k != SAMPLE_INDEX_KEY} for i in instances])
-    batch[SAMPLE_INDEX_KEY] = torch.tensor(indices, dtype=torch.long)
-    return batch
-
-
-def _model_init(self, original, *args, **kwargs):
-    original(self, *args, **kwargs)
-    legacy_attention.install(self.model, _run["config"].attn_backend)
+    upstream.launch_train(lambda attn: train.train(attn_implementation=attn), args, attn_implementation)
 
 
 def _trainer_init(self, original, *args, **kwargs):
@@ -132,16 +94,10 @@ def _forward(self, original, input_ids=None, attention_mask=None, position_ids=N
                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                         output_attentions=output_attentions, output_hidden_states=output_hidden_states, images=images,
                         image_sizes=image_sizes, return_dict=return_dict, **kwargs)
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
     _, position_ids, attention_mask, _, embeds, labels = self.prepare_inputs_labels_for_multimodal(
         input_ids, position_ids, attention_mask, None, labels, images, image_sizes
     )
-    plan = engine.plan(labels, attention_mask, sample_index, position_ids)
-    packed = plan.packed
-    hidden = legacy_attention.packed_decoder(self.model, pack(embeds, packed), packed.position_ids, packed.cu_seqlens,
-                                             packed.max_seqlen)
-    return CausalLMOutputWithPast(loss=engine.loss(plan, hidden, self.lm_head))
+    return upstream.packed_loss(self, engine, embeds, labels, attention_mask, sample_index, position_ids)
 
 
 # ---------------------------------------------------------------------------------------------

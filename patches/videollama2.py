@@ -1,0 +1,390 @@
+"""Target ``videollama2``: DAMO-NLP-SG/VideoLLaMA2 (branch main, a checkout; transformers 4.40-4.42.3).
+
+Upstream is not a package: it is cloned and launched as ``torchrun videollama2/train.py ...``, so
+the script runs as ``__main__`` and patching ``videollama2.train`` from outside never reaches it.
+``regate train --target videollama2 -- <upstream's own arguments>``, run from the checkout, imports
+``videollama2.train``, applies these patches and calls its ``train()`` in-process:
+
+* ``LazySupervisedDataset.__getitem__`` adds the sample's index. When a video or image cannot be
+  read, upstream returns another, random sample instead (a recursive ``__getitem__``): the index
+  recorded is the one of the sample actually returned, so its tokens match the reference cache.
+* ``DataCollatorForSupervisedDataset.__call__`` stacks the indices into the batch.
+* ``VideoLLaMA2Trainer.__init__`` opens the reference cache against this run's data, tokenizer,
+  frame count and connector (refusing a mismatch before any step) and attaches ReGATE's callback.
+* ``Videollama2Qwen2ForCausalLM`` and ``Videollama2MistralForCausalLM`` (model types
+  ``videollama2_qwen2``, ``videollama2``/``videollama2_mistral``): their attention gets the legacy
+  shim at construction (``legacy_attention``), and ``forward``, on training forwards with labels,
+  runs upstream's ``prepare_inputs_labels_for_multimodal`` (its 5-tuple: no position ids, upstream
+  uses 0..L-1 in every row), then units -> selection -> packing -> the decoder layers -> the loss
+  on kept rows -> EMA. The collator's right padding stays inside each merged row, masked by the
+  attention mask that the merge returns; packing keeps only unmasked positions. ``generate()``,
+  evaluation and label-free forwards run upstream code.
+
+``regate score --target videollama2 -- <upstream's arguments>`` builds each sample with upstream's
+own ``preprocess_multimodal``/``preprocess`` and collator (its truncation included) and runs
+upstream's own ``prepare_inputs_labels_for_multimodal`` on a stand-in whose one-dimensional
+"embeddings" carry token ids. Videos and images are never decoded: the number of visual tokens
+comes from the frame count and the vision tower's patch grid, run through upstream's connector
+(``build_vision_projector`` + ``temporal_aggregator``) on the meta device.
+
+Nothing from upstream is imported when this module loads (``regate targets`` and ``--dry-run``
+work anywhere).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from regate_plugin.config import ReGATEConfig
+from regate_plugin.engine import SAMPLE_INDEX_KEY, ReGATEEngine
+from regate_plugin.hookspecs import Target, hookimpl
+from regate_plugin.packing import Packed
+from regate_plugin.refcache import Fingerprint, RefCache
+from regate_plugin.scoring import dataset_probe, teacher_fingerprint, tokenizer_fingerprint
+from regate_plugin.versions import require
+
+from . import upstream
+
+TRANSFORMERS = ">=4.40,<4.43"
+# --model_type -> the upstream class that regate patches (Qwen2 and Mistral language models).
+MODEL_TYPES = {
+    "videollama2": "Videollama2MistralForCausalLM",
+    "videollama2_mistral": "Videollama2MistralForCausalLM",
+    "videollama2_qwen2": "Videollama2Qwen2ForCausalLM",
+}
+_run: dict[str, Any] = {"config": None, "ref_cache": None, "engine": None}
+
+
+def upstream_importable() -> bool:
+    """True when ``videollama2`` imports; from a checkout's root, as upstream's own
+    ``sys.path.append('./')`` in train.py does, the working directory is added to the path."""
+    if importlib.util.find_spec("videollama2") is None and Path("videollama2", "train.py").is_file():
+        sys.path.append(os.getcwd())
+    return importlib.util.find_spec("videollama2") is not None
+
+
+def requirement() -> str | None:
+    if not upstream_importable():
+        return ("VideoLLaMA2 is not importable: run from your VideoLLaMA2 checkout "
+                "(git clone https://github.com/DAMO-NLP-SG/VideoLLaMA2; cd VideoLLaMA2)")
+    return require("transformers", TRANSFORMERS)
+
+
+def _model_classes() -> list[type]:
+    from videollama2.model.videollama2_mistral import Videollama2MistralForCausalLM
+    from videollama2.model.videollama2_qwen2 import Videollama2Qwen2ForCausalLM
+
+    return [Videollama2MistralForCausalLM, Videollama2Qwen2ForCausalLM]
+
+
+def apply(config: ReGATEConfig, ref_cache: str | None) -> None:
+    """Patch VideoLLaMA2's training code for ReGATE (``ref_cache=None``: packing only). Idempotent."""
+    upstream_importable()
+    from videollama2 import train
+    from videollama2.videollama2_trainer import VideoLLaMA2Trainer
+
+    _run.update(config=config, ref_cache=ref_cache, engine=None)
+    upstream.wrap(train.LazySupervisedDataset, "__getitem__", upstream.getitem_with_index)
+    upstream.wrap(train.DataCollatorForSupervisedDataset, "__call__", upstream.collate_with_index)
+    upstream.wrap(VideoLLaMA2Trainer, "__init__", _trainer_init)
+    for cls in _model_classes():
+        upstream.wrap(cls, "__init__", upstream.shim_init(_run))
+        upstream.wrap(cls, "forward", _forward)
+
+
+def launch(args: list[str], attn_implementation: str | None = None) -> None:
+    """Run VideoLLaMA2's own ``train()`` on ``args`` (its command-line arguments), in this process."""
+    upstream_importable()
+    from videollama2 import train
+
+    upstream.launch_train(train.train, args, attn_implementation)
+
+
+def student(model: Any) -> Any:
+    """The VideoLLaMA2 model inside a LoRA (peft) wrapper, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _trainer_init(self, original, *args, **kwargs):
+    from regate_plugin.trainer import attach
+
+    original(self, *args, **kwargs)
+    model = student(self.model)
+    if not isinstance(model, tuple(_model_classes())):
+        raise ValueError(
+            f"regate supports VideoLLaMA2 with a Qwen2 or Mistral language model (--model_type "
+            f"{', '.join(sorted(MODEL_TYPES))}); this run builds {type(model).__name__}: run it with --no-regate"
+        )
+    cache = None
+    if _run["ref_cache"] is not None:  # check the cache against this run before any step
+        dataset = self.train_dataset
+        tower = model.get_vision_tower()
+        layout = VisualLayout(model.config.mm_projector_type, model.num_frames(), tower.config,
+                              tower.select_feature, model.config.hidden_size)
+        text_only = _TextOnly(dataset.tokenizer, dataset.data_args, layout.tokens)
+        expected = _fingerprint_fields(
+            dataset.list_data_dict, dataset.data_args, dataset.tokenizer, layout,
+            lambda i: text_only.sample(dataset.list_data_dict[i]),
+        )
+        cache = RefCache.open(_run["ref_cache"], expect=expected)
+    _run["engine"] = ReGATEEngine(_run["config"], cache)
+    attach(self, _run["engine"])
+
+
+def sliding_window(config: Any) -> int | None:
+    """The attention window the model's own flash-attention path would apply, if any
+    (Mistral: ``sliding_window``; Qwen2: only with ``use_sliding_window``)."""
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
+
+
+def check_window(config: Any, packed: Packed) -> None:
+    """Packed attention has no sliding window: refuse a sample long enough for one to matter."""
+    window = sliding_window(config)
+    if window is None or packed.position_ids.numel() == 0:
+        return
+    longest = int(packed.position_ids.max()) + 1
+    if longest > window:
+        raise ValueError(
+            f"a sample of {longest} positions exceeds the model's sliding attention window ({window}); packed "
+            "attention attends to the whole sample: lower --model_max_length or --num_frames, or run --no-regate"
+        )
+
+
+def _forward(self, original, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+             inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+             images=None, return_dict=None, **kwargs):
+    sample_index = kwargs.pop(SAMPLE_INDEX_KEY, None)
+    engine: ReGATEEngine | None = _run["engine"]
+    if engine is None or not self.training or labels is None or inputs_embeds is not None or past_key_values is not None:
+        return original(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                        output_attentions=output_attentions, output_hidden_states=output_hidden_states, images=images,
+                        return_dict=return_dict, **kwargs)
+    # Upstream's merge: (input_ids, attention_mask, past_key_values, inputs_embeds, labels); the
+    # mask keeps the collator's right padding masked inside each row. No position ids: upstream's
+    # forward drops them, so every row uses positions 0..L-1 (what the plan uses for None).
+    input_ids, attention_mask, _, embeds, labels = self.prepare_inputs_labels_for_multimodal(
+        input_ids, attention_mask, None, labels, images
+    )
+    if embeds is None:  # upstream's text-only shortcut (no images in the batch)
+        embeds = self.get_model().embed_tokens(input_ids)
+    if attention_mask is None:
+        attention_mask = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+    return upstream.packed_loss(self, engine, embeds, labels, attention_mask, sample_index,
+                                check=lambda plan: check_window(self.config, plan.host))
+
+
+# ---------------------------------------------------------------------------------------------
+# Visual tokens per image or video
+# ---------------------------------------------------------------------------------------------
+
+
+class VisualLayout:
+    """How many tokens one image or video becomes: upstream's connector run on the meta device over
+    ``frames`` frames of the tower's patch grid (an image is repeated to ``frames`` frames upstream).
+
+    For the 7B recipes: stc_connector, 8 frames, CLIP-L/14-336 (24x24) -> 5*13*13 = 845;
+    stc_connector_v35, 16 frames, SigLIP-so400m/14-384 (27x27) -> 8*13*13 = 1352.
+    """
+
+    def __init__(self, projector_type: str, frames: int, vision_config: Any, select_feature: str, hidden_size: int) -> None:
+        from videollama2.constants import MAX_FRAMES
+
+        if frames > MAX_FRAMES:
+            raise ValueError(f"--num_frames {frames} exceeds upstream's MAX_FRAMES ({MAX_FRAMES}): videos are cut to "
+                             f"{MAX_FRAMES} frames while images are repeated {frames} times")
+        side = vision_config.image_size // vision_config.patch_size
+        # Upstream's CLIP tower drops the class token unless 'cls_patch'; SigLIP has none.
+        with_cls = select_feature == "cls_patch" and "clip" in getattr(vision_config, "model_type", "")
+        self.projector_type, self.frames, self.side = projector_type, int(frames), side
+        self.per_frame = side * side + int(with_cls)
+        self.tokens = connector_tokens(projector_type, self.frames, self.per_frame, vision_config.hidden_size, hidden_size)
+
+    def describe(self) -> str:
+        return (f"{self.frames}f:{self.tokens} per image or video ({self.projector_type}, "
+                f"{self.side}x{self.side} patches per frame, {self.per_frame} tower tokens)")
+
+
+@functools.cache
+def connector_tokens(projector_type: str, frames: int, per_frame: int, mm_hidden_size: int, hidden_size: int) -> int:
+    """Tokens out of upstream's ``temporal_aggregator`` for (1, frames, per_frame, mm_hidden_size)
+    tower features: upstream's own connector, built and run on the meta device (no weights, no compute)."""
+    from videollama2.model.projector import build_vision_projector
+    from videollama2.model.videollama2_arch import Videollama2MetaForCausalLM
+
+    config = SimpleNamespace(mm_projector_type=projector_type, mm_hidden_size=mm_hidden_size, hidden_size=hidden_size)
+    with torch.device("meta"):
+        projector = build_vision_projector(config)
+        features = torch.empty(1, frames, per_frame, mm_hidden_size)
+    model = SimpleNamespace(config=config, mm_projector=projector)
+    model.get_model = lambda: model
+    return int(Videollama2MetaForCausalLM.temporal_aggregator(model, features).shape[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher pass
+# ---------------------------------------------------------------------------------------------
+
+
+_NO_PIXELS = torch.zeros(0)  # what the collator lists for an image or video: never decoded here
+
+
+class _TokenIdCarrier:
+    """Stands in for the model in VideoLLaMA2's ``prepare_inputs_labels_for_multimodal``: one-dimensional
+    'embeddings' that hold the token ids (float64, exact), the pad id for every visual token."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, num_visual: int, pad_token_id: int) -> None:
+        self.num_visual, self.pad_token_id = num_visual, pad_token_id
+
+    def get_vision_tower(self):
+        return self
+
+    def get_model(self):
+        return self
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids.double().unsqueeze(-1)
+
+    def encode_images_or_videos(self, images) -> torch.Tensor:
+        return torch.full((len(images), self.num_visual, 1), float(self.pad_token_id), dtype=torch.float64)
+
+
+class _TextOnly:
+    """VideoLLaMA2's tokenization and collation of one record, merged text-only by its own merge code."""
+
+    def __init__(self, tokenizer, data_args, num_visual: int) -> None:
+        from videollama2.model.videollama2_arch import Videollama2MetaForCausalLM
+        from videollama2.train import DataCollatorForSupervisedDataset
+
+        self.tokenizer, self.data_args = tokenizer, data_args
+        call = DataCollatorForSupervisedDataset.__call__
+        call = getattr(call, "_regate_original", call)  # upstream's own, also in a patched (training) process
+        self.collate = functools.partial(call, DataCollatorForSupervisedDataset(tokenizer=tokenizer))
+        self.carrier = _TokenIdCarrier(num_visual, tokenizer.pad_token_id)
+        self.merge = Videollama2MetaForCausalLM.prepare_inputs_labels_for_multimodal
+
+    def sample(self, record: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        from videollama2.train import preprocess, preprocess_multimodal, preprocess_plain
+
+        # As LazySupervisedDataset.__getitem__ does, without reading the file.
+        modal = "image" if "image" in record else "video" if "video" in record else None
+        modal_token = f"<{modal}>" if modal else None
+        sources = copy.deepcopy([record["conversations"]])
+        if modal:
+            sources = preprocess_multimodal(sources, self.data_args, modal_token)
+        build = preprocess_plain if self.data_args.is_pretraining else preprocess
+        data = build(sources, self.tokenizer, modal_token=modal_token)
+        instance = {"input_ids": data["input_ids"][0], "labels": data["labels"][0]}
+        if modal:
+            instance[modal] = _NO_PIXELS
+        elif self.data_args.is_multimodal:
+            instance["image"] = _NO_PIXELS
+        batch = self.collate([instance])
+        input_ids, _, _, embeds, labels = self.merge(
+            self.carrier, batch["input_ids"], batch["attention_mask"], None, batch["labels"], batch["images"]
+        )
+        ids = input_ids[0] if embeds is None else embeds[0, :, 0].long()
+        return ids, labels[0]
+
+
+def _dataset_field(data_args, num_samples: int, tokenizer, probe: str) -> str:
+    paths = [data_args.data_path] if isinstance(data_args.data_path, str) else list(data_args.data_path)
+    files = ",".join(f"{Path(p).name}:{hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16]}" for p in paths)
+    template = hashlib.sha256(str(getattr(tokenizer, "chat_template", None)).encode()).hexdigest()[:12]
+    style = "plain" if data_args.is_pretraining else "chat"
+    return f"{files}|n={num_samples}|{style}-template={template}|probe={probe}"
+
+
+def _fingerprint_fields(records, data_args, tokenizer, layout: VisualLayout, text_only) -> dict[str, Any]:
+    return {
+        "dataset": _dataset_field(data_args, len(records), tokenizer, dataset_probe(text_only, len(records))),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "visual_tokens": layout.describe(),
+        "max_length": int(tokenizer.model_max_length),
+    }
+
+
+class VideoLLaMA2ScoringSource:
+    """Samples of a VideoLLaMA2 training run, text-only, from the same arguments as the run itself
+    (upstream's model and data arguments and --model_max_length; other training arguments are ignored)."""
+
+    def __init__(self, args: list[str], teacher: str) -> None:
+        if not upstream_importable():
+            raise RuntimeError(requirement())
+        import dataclasses
+        import json
+
+        import transformers
+        from videollama2.constants import NUM_FRAMES
+        from videollama2.model import VLLMConfigs
+        from videollama2.train import DataArguments, ModelArguments, TrainingArguments
+
+        # The one training argument the samples depend on, with upstream's default.
+        default_length = next(f.default for f in dataclasses.fields(TrainingArguments) if f.name == "model_max_length")
+        Lengths = dataclasses.make_dataclass("Lengths", [("model_max_length", int, dataclasses.field(default=default_length))])
+        parser = transformers.HfArgumentParser((ModelArguments, DataArguments, Lengths), allow_abbrev=False)
+        model_args, data_args, lengths, _ = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
+        if model_args.model_type not in MODEL_TYPES:
+            raise ValueError(f"regate supports --model_type {', '.join(sorted(MODEL_TYPES))} (Qwen2 and Mistral "
+                             f"language models), not {model_args.model_type!r}")
+        if model_args.vision_tower is None or not data_args.data_path:
+            raise ValueError("regate score needs upstream's --vision_tower and --data_path (VideoLLaMA2's multimodal training)")
+        # As train() does.
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            model_args.model_path, model_max_length=lengths.model_max_length, padding_side="right", use_fast=True
+        )
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.unk_token
+        data_args.is_multimodal = True
+        data_args.is_pretraining = bool(model_args.tune_mm_mlp_adapter)
+        vision = transformers.AutoConfig.from_pretrained(model_args.vision_tower)
+        vision = getattr(vision, "vision_config", vision)
+        llm = VLLMConfigs[model_args.model_type].from_pretrained(model_args.model_path)
+        frames = NUM_FRAMES if data_args.num_frames is None else data_args.num_frames
+        self.layout = VisualLayout(model_args.mm_projector_type, frames, vision, model_args.mm_vision_select_feature,
+                                   llm.hidden_size)
+        self.records = []
+        for path in data_args.data_path:
+            self.records.extend(json.loads(Path(path).read_text()))
+        self._text_only = _TextOnly(tokenizer, data_args, self.layout.tokens)
+        self.pad_token_id = tokenizer.pad_token_id
+        self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
+        self.decode = tokenizer.decode
+        fields = _fingerprint_fields(self.records, data_args, tokenizer, self.layout, self.text_only)
+        self.fingerprint = Fingerprint(teacher=teacher_fingerprint(teacher) if teacher else "", **fields)
+
+    @staticmethod
+    def load_tokenizer(path: str) -> Any:
+        import transformers
+
+        return transformers.AutoTokenizer.from_pretrained(path, use_fast=True)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def text_only(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._text_only.sample(self.records[index])
+
+
+@hookimpl
+def regate_targets() -> list[Target]:
+    return [Target(
+        "videollama2", "DAMO-NLP-SG/VideoLLaMA2 (checkout of main, transformers 4.40-4.42): "
+        "regate train --target videollama2 -- ...",
+        requirement=requirement, apply=apply, launch=launch, scoring_source=VideoLLaMA2ScoringSource,
+    )]

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# VideoLLaMA2 QLoRA fine-tuning (4-bit, ZeRO-2) with ReGATE: upstream's
+# scripts/custom/finetune_qlora.sh through `regate train`. VARIANT=qwen2-16f (default) or mistral-8f.
+# Needs bitsandbytes (as upstream). REGATE=0 gives the baseline.
+# Usage: [VARIANT=... GPUS=8 NODES=1 MODEL=... OUTPUT_DIR=...] bash finetune_qlora_regate.sh [--dry-run]
+set -euo pipefail
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+OUTPUT_DIR=${OUTPUT_DIR:-$OUTP_DIR/$WANDB_PROJECT/finetune_${RUN_NAME}_qlora}
+
+run_train "$@" \
+    --lora_enable True --lora_r 128 --lora_alpha 256 --mm_projector_lr 2e-5 --bits 4 \
+    --deepspeed "${DEEPSPEED_CONFIG:-$RECIPES/zero2.json}" \
+    "${DATA_ARGS[@]}" \
+    --output_dir "$OUTPUT_DIR" \
+    "${TRAIN_ARGS[@]}"

@@ -1,0 +1,114 @@
+"""The legacy attention shim on real transformers 4.40-4.42 Qwen2 and Mistral classes (VideoLLaMA2's
+language models): packed == per sample, with and without gradient checkpointing; unpacked forwards
+and generation untouched. Needs no upstream source."""
+
+import pytest
+import torch
+import transformers
+
+from regate_plugin.packing import pack_plan
+from regate_plugin.patches import legacy_attention, videollama2
+from regate_plugin.selection import keep_mask_for
+from regate_plugin.units import IGNORE_INDEX, find_units
+
+CONFIG = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128)
+MODELS = {
+    # As Qwen2-7B-Instruct: a window in the config, switched off by use_sliding_window.
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(sliding_window=64, use_sliding_window=False)),
+    # As Mistral-7B-Instruct-v0.2 (no window) and v0.1 (4096, far beyond these rows).
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=4096)),
+    "mistral-v0.2": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=None)),
+}
+
+
+def tiny(kind, attn_implementation):
+    config_cls, model_cls, extra = MODELS[kind]
+    torch.manual_seed(0)
+    config = config_cls(**CONFIG, **extra)
+    config._attn_implementation = attn_implementation
+    return model_cls(config).float()
+
+
+def batch():
+    gen = torch.Generator().manual_seed(1)
+    lengths = [11, 6, 15]
+    ids = torch.randint(3, 97, (3, 15), generator=gen)
+    mask = torch.zeros(3, 15, dtype=torch.long)
+    labels = torch.full((3, 15), IGNORE_INDEX)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+        labels[b, 3:n] = ids[b, 3:n]
+    return ids, mask, labels
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("reentrant", [None, True, False])
+def test_packed_logits_and_gradients_equal_each_sample_alone(kind, attn, reentrant):
+    ids, mask, labels = batch()
+    reference, model = tiny(kind, attn), tiny(kind, attn)
+    legacy_attention.install(model.model)
+    assert type(model.model.layers[0].self_attn).__name__.startswith("Regate")
+    for m in (reference, model):
+        if reentrant is not None:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        m.train()
+    units = find_units(labels, mask)
+    # Elide every other unit: gaps in the position ids, as on a sparse step.
+    keep = keep_mask_for(mask, units, torch.arange(len(units)) % 2 == 0)
+    packed = pack_plan(keep, labels, units)
+    videollama2.check_window(model.config, packed)
+    embeds = model.model.embed_tokens(ids).flatten(0, 1)[packed.index][None]
+    hidden = legacy_attention.packed_decoder(model.model, embeds, packed.position_ids, packed.cu_seqlens, packed.max_seqlen)
+    logits = model.lm_head(hidden)[0]
+
+    # Reference: the unpatched model's own layers over the whole padded batch, with an additive 4-D
+    # mask in which kept positions see only earlier kept positions of their own row (elided ones also
+    # see themselves, so no softmax row is empty). Upstream cannot run a row with gaps in its positions
+    # directly (4.40's rotary table is cut at the row's length), and the model-level 4-D mask formats
+    # differ across 4.40-4.42 (Mistral's SDPA path in 4.40 takes none).
+    length = ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    visible = causal & (keep[:, None, :] | torch.eye(length, dtype=torch.bool)) & mask.bool()[:, None, :]
+    additive = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)[:, None]
+    hidden = reference.model.embed_tokens(ids)
+    positions = torch.arange(length).expand(3, length)
+    for layer in reference.model.layers:
+        hidden = layer(hidden, attention_mask=additive, position_ids=positions)[0]
+    ref_logits = reference.lm_head(reference.model.norm(hidden))[keep]
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2))
+    (logits * weights).sum().backward()
+    (ref_logits * weights).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_unpacked_forwards_and_generation_are_untouched(kind, attn):
+    ids, mask, _ = batch()
+    reference, model = tiny(kind, attn).eval(), tiny(kind, attn).eval()
+    legacy_attention.install(model.model)
+    legacy_attention.install(model.model)  # idempotent
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits * mask[..., None],
+                                   reference(input_ids=ids, attention_mask=mask).logits * mask[..., None], atol=1e-6, rtol=0)
+        kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(ids[:1, :11], **kwargs), reference.generate(ids[:1, :11], **kwargs))
+
+
+def test_a_sample_longer_than_the_sliding_window_is_refused():
+    _, mask, labels = batch()
+    units = find_units(labels, mask)
+    packed = pack_plan(mask.bool(), labels, units)  # the longest sample has 15 positions
+    windowed = transformers.MistralConfig(**CONFIG, sliding_window=14)
+    with pytest.raises(ValueError, match="exceeds the model's sliding attention window"):
+        videollama2.check_window(windowed, packed)
+    videollama2.check_window(transformers.MistralConfig(**CONFIG, sliding_window=15), packed)
+    videollama2.check_window(transformers.MistralConfig(**CONFIG, sliding_window=None), packed)
+    videollama2.check_window(transformers.Qwen2Config(**CONFIG, sliding_window=4, use_sliding_window=False), packed)
+    with pytest.raises(ValueError):
+        videollama2.check_window(transformers.Qwen2Config(**CONFIG, sliding_window=4, use_sliding_window=True), packed)
