@@ -86,6 +86,8 @@ def main() -> None:
     record = {"selections": engine.selections, "digests": engine.digests, "lm_head_partitioned": partitioned}
     (args.out / f"rank{rank}.json").write_text(json.dumps(record))
     torch.save(engine.ema.values, args.out / f"ema{rank}.pt")
+    if torch.distributed.is_initialized():  # a clean exit: no gloo thread left joinable at shutdown
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
