@@ -284,9 +284,10 @@ def _close_process_group() -> None:
 
 
 def _register_commands() -> None:
-    from . import bench
+    from . import bench, demo
 
     main.add_command(bench.command)
+    main.add_command(demo.command)
 
 
 _register_commands()

@@ -1,0 +1,311 @@
+"""The toy visual question-answering task of `regate demo`, generated in code (nothing downloaded).
+
+Images (32x32 RGB, a 4x4 grid of 8x8 cells, one cell per visual token with patch size 8): on a dark
+noisy background, 1-4 objects of one colour and one shape sit in distinct cells of one corner
+(a 2x2 block of cells), each with a little jitter in place, size and brightness.
+
+    colour   red green blue yellow purple cyan
+    shape    square circle triangle cross
+    count    one two three four
+    corner   top/bottom + left/right
+
+A sample asks one of five questions (two phrasings each). The answer is a templated sentence of
+11-15 tokens (end of sentence included) that the question's text fully determines, except for 1-3
+*image words* (the colour, shape, count or corner) that only the picture tells::
+
+    what color are the shapes ?
+      -> all of the shapes in this picture are painted [red] . </s>
+    describe the picture .
+      -> the picture shows [three] [red] [circle] shapes on a black background . </s>
+
+A text-only language model trained on this text predicts the template words almost perfectly
+and the image words only at chance: the situation ReGATE's reference loss is made for.
+
+Sample layout (what a transformers processor produces for Llava)::
+
+    <s> <image> x16 question-words answer-words </s>      labels: -100 except on the answer
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+IMAGE_SIZE, PATCH = 32, 8
+GRID = IMAGE_SIZE // PATCH  # cells per side
+VISUAL_TOKENS = GRID * GRID
+
+PIXEL_MEAN, PIXEL_STD = 0.1, 0.12  # of the generated images (all channels), for normalisation
+PAD, BOS, EOS, IMAGE = "<pad>", "<s>", "</s>", "<image>"
+SPECIAL = (PAD, BOS, EOS, IMAGE)
+
+COLORS = {
+    "red": (0.90, 0.15, 0.15),
+    "green": (0.15, 0.80, 0.20),
+    "blue": (0.20, 0.30, 0.95),
+    "yellow": (0.95, 0.90, 0.15),
+    "purple": (0.60, 0.20, 0.80),
+    "cyan": (0.15, 0.85, 0.90),
+}
+SHAPES = ("square", "circle", "triangle", "cross")
+COUNTS = ("one", "two", "three", "four")
+VERTICAL = ("top", "bottom")
+HORIZONTAL = ("left", "right")
+SLOTS = {"color": tuple(COLORS), "shape": SHAPES, "count": COUNTS, "vertical": VERTICAL, "horizontal": HORIZONTAL}
+#: the image words' kinds, as the accuracy is broken down (position: the corner's two words)
+KINDS = ("color", "shape", "count", "position")
+KIND_OF_SLOT = {"color": 1, "shape": 2, "count": 3, "vertical": 4, "horizontal": 4}  # 1 + index in KINDS
+
+# question type -> (question, answer template) phrasings; {slot} marks an image word
+TEMPLATES: dict[str, tuple[tuple[str, str], ...]] = {
+    "color": (
+        ("what color are the shapes ?", "{color} . all of the shapes in this picture are painted in that color ."),
+        ("which color do the objects have ?", "{color} is the only color of the objects in the image ."),
+    ),
+    "shape": (
+        ("what kind of shape is shown ?", "{shape} . every object you can see in this picture has that shape ."),
+        ("which shape do you see ?", "{shape} is the only kind of shape i can see here ."),
+    ),
+    "count": (
+        ("how many shapes are there ?", "{count} . if you count them carefully , that is the number of shapes ."),
+        ("count the objects in the image .", "{count} objects are in the image , all of the same kind ."),
+    ),
+    "where": (
+        ("where are the shapes ?", "{vertical} {horizontal} . the shapes are grouped together in that corner of the picture ."),
+        ("in which corner are the objects ?", "{vertical} {horizontal} is the corner where you will find all of the objects ."),
+    ),
+    "describe": (
+        ("describe the picture .", "{count} {color} {shape} shapes on a black background : that is what the picture shows ."),
+        ("what do you see in the image ?", "{count} {color} {shape} shapes , all of them on a black background ."),
+    ),
+}
+QUESTION_TYPES = tuple(TEMPLATES)
+
+
+def vocabulary() -> list[str]:
+    """Special tokens first, then every word of the templates and slots, in a fixed order."""
+    words: list[str] = list(SPECIAL)
+    for phrasings in TEMPLATES.values():
+        for question, answer in phrasings:
+            for word in (question + " " + answer).split():
+                if not word.startswith("{") and word not in words:
+                    words.append(word)
+    for values in SLOTS.values():
+        words.extend(v for v in values if v not in words)
+    return words
+
+
+def build_tokenizer(folder: Path | None = None):
+    """A word-level tokenizer over ``vocabulary()`` (saved to ``folder`` when given)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(vocabulary())}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=PAD))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=PAD, unk_token=PAD, bos_token=BOS, eos_token=EOS,
+        model_max_length=64,
+    )
+    if folder is not None:
+        tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class Scene:
+    color: str
+    shape: str
+    count: int  # 1..4
+    vertical: str
+    horizontal: str
+    cells: tuple[tuple[int, int], ...]  # (row, col) of every object in the 4x4 grid
+
+    def slot(self, name: str) -> str:
+        return COUNTS[self.count - 1] if name == "count" else getattr(self, name)
+
+
+def random_scene(rng: np.random.Generator, color: str | None = None, shape: str | None = None,
+                 count: int | None = None, corner: int | None = None) -> Scene:
+    """A scene; any attribute left None is drawn uniformly."""
+    color = color or str(rng.choice(list(COLORS)))
+    shape = shape or str(rng.choice(SHAPES))
+    count = count or int(rng.integers(1, 5))
+    corner = int(rng.integers(0, 4)) if corner is None else corner
+    v, h = divmod(corner, 2)
+    block = [(2 * v + dr, 2 * h + dc) for dr in (0, 1) for dc in (0, 1)]
+    cells = tuple(sorted(block[i] for i in rng.permutation(4)[:count]))
+    return Scene(color, shape, count, VERTICAL[v], HORIZONTAL[h], cells)
+
+
+def _shape_mask(shape: str, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
+    if shape == "square":
+        return (np.abs(dx) <= 0.8 * r) & (np.abs(dy) <= 0.8 * r)
+    if shape == "circle":
+        return dx**2 + dy**2 <= r**2
+    if shape == "triangle":  # pointing up
+        return (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) * 0.5)
+    if shape == "cross":
+        thin = 0.35 * r
+        return ((np.abs(dx) <= thin) & (np.abs(dy) <= r)) | ((np.abs(dy) <= thin) & (np.abs(dx) <= r))
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def draw(scene: Scene, rng: np.random.Generator) -> np.ndarray:
+    """(32, 32, 3) uint8 image of the scene."""
+    image = np.clip(rng.normal(0.08, 0.03, (IMAGE_SIZE, IMAGE_SIZE, 3)), 0, 1)
+    yy, xx = np.mgrid[0:PATCH, 0:PATCH].astype(np.float64)
+    rgb = np.array(COLORS[scene.color])
+    for row, col in scene.cells:
+        cy, cx = 3.5 + rng.uniform(-0.5, 0.5, 2)
+        mask = _shape_mask(scene.shape, yy - cy, xx - cx, rng.uniform(2.4, 3.4))
+        shade = np.clip(rgb * rng.uniform(0.8, 1.0) + rng.normal(0, 0.03, (PATCH, PATCH, 3)), 0, 1)
+        cell = image[row * PATCH:(row + 1) * PATCH, col * PATCH:(col + 1) * PATCH]
+        cell[mask] = shade[mask]
+    return (image * 255).round().astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class QA:
+    """One question and answer about a scene, as words; ``image_slots[i]`` names the slot of answer
+    word ``i`` when it is an image word (else None)."""
+
+    question: tuple[str, ...]
+    answer: tuple[str, ...]
+    image_slots: tuple[str | None, ...]
+
+
+def ask(scene: Scene, qtype: str, phrasing: int) -> QA:
+    question, template = TEMPLATES[qtype][phrasing]
+    answer, slots = [], []
+    for word in template.split():
+        if word.startswith("{"):
+            name = word[1:-1]
+            answer.append(scene.slot(name))
+            slots.append(name)
+        else:
+            answer.append(word)
+            slots.append(None)
+    return QA(tuple(question.split()), tuple(answer), tuple(slots))
+
+
+class VQADataset(torch.utils.data.Dataset):
+    """Map-style dataset of samples ``{"input_ids", "labels", "pixel_values"}`` (plus, on request,
+    ``image_word``: at position j, 0, or 1 + the index in KINDS of the image word at j+1)."""
+
+    def __init__(self, samples: Sequence[tuple[Scene, QA, np.ndarray]], tokenizer, with_targets: bool = False) -> None:
+        self.scenes = [scene for scene, _, _ in samples]
+        self.qas = [qa for _, qa, _ in samples]
+        self.images = np.stack([image for _, _, image in samples]) if samples else np.zeros((0, 32, 32, 3), np.uint8)
+        self.with_targets = with_targets
+        vocab = tokenizer.get_vocab()
+        self.pad_id = vocab[PAD]
+        prefix = [vocab[BOS]] + [vocab[IMAGE]] * VISUAL_TOKENS
+        self.input_ids, self.labels, self.image_word = [], [], []
+        for qa in self.qas:
+            question = tokenizer(" ".join(qa.question), add_special_tokens=False)["input_ids"]
+            answer = tokenizer(" ".join(qa.answer), add_special_tokens=False)["input_ids"] + [vocab[EOS]]
+            ids = prefix + question + answer
+            start = len(prefix) + len(question)
+            labels = [IGNORE_INDEX] * start + answer
+            # image_word[j] > 0: the prediction at position j (of target ids[j+1], an image word) is scored
+            marks = [0] * len(ids)
+            for i, slot in enumerate(qa.image_slots):
+                if slot is not None:
+                    marks[start + i - 1] = KIND_OF_SLOT[slot]
+            self.input_ids.append(torch.tensor(ids))
+            self.labels.append(torch.tensor(labels))
+            self.image_word.append(torch.tensor(marks))
+
+    def __len__(self) -> int:
+        return len(self.qas)
+
+    def pixel_values(self, index: int) -> torch.Tensor:
+        """Normalised with the data set's own mean and standard deviation, as an image processor does."""
+        return torch.from_numpy(self.images[index]).permute(2, 0, 1).float().div(255.0).sub(PIXEL_MEAN).div(PIXEL_STD)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = {"input_ids": self.input_ids[index], "labels": self.labels[index], "pixel_values": self.pixel_values(index)}
+        if self.with_targets:
+            item["image_word"] = self.image_word[index]
+        return item
+
+    def text_batch(self, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+        """Text-only rows for the language model's pre-training: visual placeholders -> pad, labels on
+        every question and answer token (what a base language model of this domain has read)."""
+        rows = []
+        for i in indices:
+            ids = self.input_ids[i].clone()
+            ids[1:1 + VISUAL_TOKENS] = pad_id
+            labels = ids.clone()
+            labels[: 1 + VISUAL_TOKENS] = IGNORE_INDEX
+            rows.append({"input_ids": ids, "labels": labels})
+        batch = collate(rows, pad_id)
+        return batch
+
+
+def collate(samples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded batch; ``pixel_values`` and ``image_word`` carried when the samples have them."""
+    length = max(len(s["input_ids"]) for s in samples)
+
+    def pad(key: str, value: Any) -> torch.Tensor:
+        return torch.stack([torch.nn.functional.pad(s[key], (0, length - len(s[key])), value=value) for s in samples])
+
+    batch = {
+        "input_ids": pad("input_ids", pad_id),
+        "labels": pad("labels", IGNORE_INDEX),
+        "attention_mask": torch.stack(
+            [torch.nn.functional.pad(torch.ones(len(s["input_ids"]), dtype=torch.long), (0, length - len(s["input_ids"])))
+             for s in samples]
+        ),
+    }
+    if "pixel_values" in samples[0]:
+        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
+    if "image_word" in samples[0]:
+        batch["image_word"] = pad("image_word", 0)
+    return batch
+
+
+class Collator:
+    """Picklable collate function with the pad id bound (the Trainer's ``data_collator``)."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return collate(samples, self.pad_id)
+
+
+def generate(size: int, rng: np.random.Generator) -> list[tuple[Scene, QA, np.ndarray]]:
+    """``size`` samples: uniform question type and phrasing, uniform scene attributes."""
+    samples = []
+    for _ in range(size):
+        scene = random_scene(rng)
+        qa = ask(scene, str(rng.choice(QUESTION_TYPES)), int(rng.integers(0, 2)))
+        samples.append((scene, qa, draw(scene, rng)))
+    return samples
+
+
+def generate_balanced(per_type: int, rng: np.random.Generator) -> list[tuple[Scene, QA, np.ndarray]]:
+    """A held-out set in which, for every question type, each value of each asked slot occurs
+    equally often (``per_type`` a multiple of 24): a model that ignores the picture and always
+    answers the same word scores exactly chance, whichever word it picks."""
+    if per_type % 24:
+        raise ValueError(f"per_type must be a multiple of 24, got {per_type}")
+    samples = []
+
+    def balanced(values: int) -> np.ndarray:
+        return rng.permutation(np.repeat(np.arange(values), per_type // values))
+
+    for qtype in QUESTION_TYPES:
+        columns = zip(balanced(6), balanced(4), balanced(4), balanced(4), balanced(2))
+        for color, shape, count, corner, phrasing in columns:
+            scene = random_scene(rng, color=list(COLORS)[color], shape=SHAPES[shape], count=int(count) + 1,
+                                 corner=int(corner))
+            samples.append((scene, ask(scene, qtype, int(phrasing)), draw(scene, rng)))
+    return samples

@@ -1,0 +1,224 @@
+"""`regate demo`: the toy task, the acceptance arithmetic, and a shortened demo through the CLI."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from regate_plugin import demo
+from regate_plugin import demo_task as task
+from regate_plugin.cli import main
+from regate_plugin.refcache import RefCache
+from regate_plugin.schedule import keep_ratio_at, sparse_step_count
+
+pytest.importorskip("transformers")
+
+
+# --- the task ----------------------------------------------------------------------------------
+
+
+def test_samples_mark_exactly_the_image_words():
+    tokenizer = task.build_tokenizer()
+    vocab = tokenizer.get_vocab()
+    samples = task.generate(200, np.random.default_rng(5))
+    data = task.VQADataset(samples, tokenizer, with_targets=True)
+    kinds_seen = set()
+    for i, (scene, qa, _) in enumerate(samples):
+        item = data[i]
+        ids, labels, marks = item["input_ids"], item["labels"], item["image_word"]
+        prefix = 1 + task.VISUAL_TOKENS
+        assert ids[0] == vocab[task.BOS] and (ids[1:prefix] == vocab[task.IMAGE]).all()
+        start = prefix + len(qa.question)
+        assert (labels[:start] == task.IGNORE_INDEX).all()
+        assert labels[start:].tolist() == [vocab[w] for w in qa.answer] + [vocab[task.EOS]]
+        for a, (word, slot) in enumerate(zip(qa.answer, qa.image_slots)):
+            j = start + a - 1  # the position that predicts answer word a
+            if slot is None:
+                assert marks[j] == 0
+            else:
+                assert word == scene.slot(slot) and marks[j] == task.KIND_OF_SLOT[slot]
+                kinds_seen.add(int(marks[j]))
+        assert int((marks > 0).sum()) == sum(s is not None for s in qa.image_slots) >= 1
+        pixels = item["pixel_values"]
+        assert pixels.shape == (3, task.IMAGE_SIZE, task.IMAGE_SIZE)
+    assert kinds_seen == {1, 2, 3, 4}
+
+
+def test_objects_are_drawn_in_their_cells_in_their_colour():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        scene = task.random_scene(rng)
+        image = task.draw(scene, rng).astype(float) / 255
+        for row in range(task.GRID):
+            for col in range(task.GRID):
+                cell = image[row * task.PATCH:(row + 1) * task.PATCH, col * task.PATCH:(col + 1) * task.PATCH]
+                bright = cell.max(-1) > 0.5
+                assert bright.any() == ((row, col) in scene.cells)
+                if bright.any():
+                    mean = cell[bright].mean(0)
+                    nearest = min(task.COLORS, key=lambda c: np.abs(np.array(task.COLORS[c]) - mean).sum())
+                    assert nearest == scene.color
+
+
+def test_held_out_set_is_balanced_so_a_blind_guess_scores_chance():
+    samples = task.generate_balanced(48, np.random.default_rng(1))
+    assert len(samples) == 48 * len(task.QUESTION_TYPES)
+    for qtype in task.QUESTION_TYPES:
+        asked = [(scene, qa) for scene, qa, _ in samples if qa.question in {tuple(q.split()) for q, _ in task.TEMPLATES[qtype]}]
+        assert len(asked) == 48
+        for slot, values in task.SLOTS.items():
+            counts = {v: sum(scene.slot(slot) == v for scene, _ in asked) for v in values}
+            assert set(counts.values()) == {48 // len(values)}, (qtype, slot, counts)
+    with pytest.raises(ValueError, match="multiple of 24"):
+        task.generate_balanced(50, np.random.default_rng(1))
+
+
+# --- schedule scaling and the acceptance arithmetic -----------------------------------------
+
+
+def test_scaled_schedule_is_the_papers_at_its_run_length():
+    config = demo.scaled_config(5000)
+    assert (config.warmup, config.cycle, config.dense_steps, config.keep_ratio) == (100, 125, 16, 0.5)
+    facts = demo.schedule_facts(1600, demo.scaled_config(1600))
+    assert (facts["warmup"], facts["cycle"], facts["dense_steps"]) == (32, 40, 5)
+    sparse = sum(keep_ratio_at(t, demo.scaled_config(1600)) < 1 for t in range(1600))
+    assert facts["sparse_steps_total"] == sparse == sparse_step_count(1600, demo.scaled_config(1600))
+    assert facts["token_share_before_rounding"] == pytest.approx((1600 - 0.5 * sparse) / 1600)
+
+
+def _curve(points):
+    return [{"step": i, "supervised_tokens": t, "val_accuracy": a} for i, (t, a) in enumerate(points)]
+
+
+def test_compare_curves_by_hand():
+    dense = _curve([(0, 0.2), (100, 0.6), (200, 0.8)])
+    regate = _curve([(0, 0.2), (50, 0.5), (120, 0.79)])
+    c = demo.compare_curves(dense, regate, window=1)
+    assert c["token_share"] == pytest.approx(0.6)
+    assert c["accuracy_difference"] == pytest.approx(-0.01)
+    # compared at 0, 50, 100, 120: dense 0.2, 0.4, 0.6, 0.64; regate 0.2, 0.5, 0.7286, 0.79
+    assert c["curve_points_compared"] == 4 and c["curve_token_range"] == [0.0, 120.0]
+    assert c["min_gap"] == pytest.approx(0.0) and c["min_gap_at_tokens"] == 0.0
+    assert c["mean_gap"] == pytest.approx((0 + 0.1 + (0.5 + 0.29 * 50 / 70 - 0.6) + 0.15) / 4)
+    assert c["accept_token_share"] and c["accept_accuracy"] and c["accept_curve"] and demo.accepted(c)
+    assert c["regate_tokens_to_dense_final"] is None
+    # one evaluation's dip below dense fails the raw comparison; the mean of 3 evaluations does not
+    dip = _curve([(0, 0.2), (40, 0.5), (60, 0.3), (90, 0.7), (120, 0.79)])
+    raw = demo.compare_curves(dense, dip, window=1)
+    assert raw["min_gap"] == pytest.approx(0.3 - 0.44) and raw["min_gap_at_tokens"] == 60 and not raw["accept_curve"]
+    assert [p["val_accuracy"] for p in demo.smoothed(dip, 3)] == pytest.approx([0.2, 0.35, 1 / 3, 0.5, 0.59666667])
+    smooth = demo.compare_curves(dense, dip, window=3)
+    # smoothed dense: 0.2, 0.4, 0.5333 at 0, 100, 200; gaps at 40 and 60: 0.35 - 0.28, 1/3 - 0.32
+    assert smooth["min_gap"] == pytest.approx(0.0) and smooth["accept_curve"]
+    assert smooth["mean_gap"] == pytest.approx(np.mean([0, 0.07, 1 / 3 - 0.32, 0.5 - 0.38, 0.5 + 0.09667 / 3 - 0.4, 0.59667 - 0.42667]), abs=1e-4)
+    assert smooth["curve_smoothing"] == 3 and raw["curve_smoothing"] == 1
+    # too many tokens, too low a final accuracy
+    heavy = _curve([(0, 0.2), (130, 0.9)])
+    assert not demo.compare_curves(dense, heavy)["accept_token_share"]
+    weak = _curve([(0, 0.2), (100, 0.78)])
+    assert not demo.compare_curves(dense, weak, window=1)["accept_accuracy"]
+    with pytest.raises(ValueError, match="must increase"):
+        demo.compare_curves(dense, _curve([(0, 0.2), (0, 0.3)]))
+    with pytest.raises(ValueError, match="at least two points"):
+        demo.compare_curves(dense, _curve([(0, 0.2)]))
+
+
+# --- a shortened demo, end to end ------------------------------------------------------------
+
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def short_demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    out, work = root / "out", root / "work"
+    result = CliRunner().invoke(main, ["demo", "--steps", str(STEPS), "--seed", "3", "--out", str(out),
+                                       "--work", str(work), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    return result.output, json.loads((out / "demo.json").read_text()), out, work
+
+
+def test_short_demo_writes_what_it_promises(short_demo):
+    output, result, out, _ = short_demo
+    assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "held-out image-word accuracy" in output and "acceptance:" in output
+    schedule = result["schedule"]
+    assert schedule["steps"] == STEPS and schedule["scaled_from"]["steps"] == 5000
+    assert f"scaled to {STEPS} steps: warmup {schedule['warmup']}, cycle {schedule['cycle']}" in output
+    dense, regate = result["runs"]["dense"], result["runs"]["regate"]
+    for run in (dense, regate):
+        assert run["optimizer_steps"] == STEPS and run["train_seconds"] > 0
+        curve = run["curve"]
+        assert curve[0]["step"] == 0 and curve[0]["supervised_tokens"] == 0 and curve[-1]["step"] == STEPS
+        assert [p["step"] for p in curve] == sorted(p["step"] for p in curve)
+        assert all(b["supervised_tokens"] > a["supervised_tokens"] for a, b in zip(curve, curve[1:]))
+        assert curve[-1]["supervised_tokens"] == run["supervised_tokens"]
+        assert run["val_accuracy"] == curve[-1]["val_accuracy"]
+        assert all(0.0 <= p["val_accuracy"] <= 1.0 for p in curve)
+    # same data, same batches: the same dense-equivalent supervised tokens; dense keeps all of them
+    assert dense["supervised_tokens"] == dense["supervised_tokens_dense_equivalent"]
+    assert regate["supervised_tokens_dense_equivalent"] == dense["supervised_tokens"]
+    # both runs start from the same weights: identical first evaluation
+    assert regate["curve"][0]["val_accuracy"] == dense["curve"][0]["val_accuracy"]
+    # only supervised tokens are elided: the LLM-token saving is exactly the supervised saving
+    saved = dense["supervised_tokens"] - regate["supervised_tokens"]
+    assert saved > 0 and dense["llm_tokens"] - regate["llm_tokens"] == saved
+    # sparse steps keep ceil(p * n_s) per sample: at least the schedule's share, at most a few % more
+    share = regate["supervised_tokens"] / dense["supervised_tokens"]
+    assert schedule["token_share_before_rounding"] <= share <= schedule["token_share_before_rounding"] + 0.06
+    assert result["comparison"]["token_share"] == pytest.approx(share)
+    assert dense["config"]["keep_ratio"] == 1.0 and regate["config"]["keep_ratio"] == 0.5
+
+
+def test_teacher_finds_template_words_easy_and_image_words_hard(short_demo):
+    """The premise of the demo, read from the reference cache that the real teacher pass wrote."""
+    _, _, _, work = short_demo
+    cache = RefCache.open(work / "refcache")
+    samples = task.generate(demo.TRAIN_SAMPLES, np.random.default_rng([3, 0]))
+    assert cache.num_samples == len(samples)
+    image, template = [], []
+    for i in range(0, len(samples), 16):
+        _, qa, _ = samples[i]
+        losses = cache.sample(i).astype(np.float64)
+        assert len(losses) == len(qa.answer) + 1  # every answer word and the end of sentence
+        for loss, slot in zip(losses, qa.image_slots):
+            (template if slot is None else image).append(loss)
+    # chance over 2-6 values is 0.69-1.79 nats; the text predicts template words almost surely
+    assert np.mean(image) > 0.6 and np.mean(template) < 0.1
+
+
+def test_demo_refuses_a_non_empty_work_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    result = CliRunner().invoke(main, ["demo", "--steps", "10", "--work", str(tmp_path)])
+    assert result.exit_code != 0 and "not empty" in result.output
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_image_word_accuracy_counts_only_image_words():
+    """A model whose logits put the right next token everywhere scores 1; right only on template
+    words scores 0; the count per kind follows the marks."""
+    tokenizer = task.build_tokenizer()
+    data = task.VQADataset(task.generate(6, np.random.default_rng(2)), tokenizer, with_targets=True)
+    batch = task.collate([data[i] for i in range(len(data))], data.pad_id)
+    vocab = len(tokenizer.get_vocab())
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, wrong_on_image_words: bool):
+            super().__init__()
+            self.wrong = wrong_on_image_words
+
+        def forward(self, input_ids, attention_mask, pixel_values):
+            nxt = torch.roll(input_ids, -1, dims=1)
+            if self.wrong:
+                nxt = torch.where(batch["image_word"] > 0, (nxt + 1) % vocab, nxt)
+            return type("Out", (), {"logits": torch.nn.functional.one_hot(nxt, vocab).float()})
+
+    right = demo.image_word_accuracy(Oracle(False), [batch])
+    wrong = demo.image_word_accuracy(Oracle(True), [batch])
+    assert right["all"] == 1.0 and wrong["all"] == 0.0
+    present = {task.KINDS[k - 1] for k in batch["image_word"].unique().tolist() if k > 0}
+    assert all(right[k] == 1.0 for k in present)
+    assert all(math.isnan(right[k]) for k in set(task.KINDS) - present)
