@@ -6,10 +6,11 @@ What it does, in order (everything built in code; nothing is downloaded):
    templated answers whose few *image words* (colour, shape, count, corner) only the picture tells.
 2. Language model: a tiny Llama is trained text-only on the task's text (pictures replaced by
    padding). It is the teacher, saved like any base LM, and the student's backbone.
-3. Student: a tiny ``LlavaForConditionalGeneration`` (random CLIP vision tower and projector, the
-   backbone above), saved with its word-level tokenizer like any pretrained student.
-4. Teacher pass: ``hf.HFScoringSource`` + ``score_dataset``, exactly what ``regate score --target hf``
-   runs, writes the reference-loss cache.
+3. Student: a tiny ``LlavaForConditionalGeneration``: the backbone above, a CLIP vision tower
+   pre-trained on the pictures' attributes (the stand-in for a pre-trained CLIP) and a fresh
+   projector, saved with its word-level tokenizer like any pretrained student.
+4. Teacher pass: the tokenizer check, ``hf.HFScoringSource`` and ``score_dataset``, the calls that
+   ``regate score --target hf`` makes, write the reference-loss cache.
 5. Two fine-tuning runs from the same weights, same seed, same batches, same number of optimizer
    steps, both through the same HF ``Trainer`` + ``hf.enable`` + ``IndexedDataset`` /
    ``IndexedCollator`` / ``attach`` code:
@@ -22,7 +23,7 @@ What it does, in order (everything built in code; nothing is downloaded):
    does not change the demo).
 6. Held-out accuracy, every few steps (not counted in training seconds): teacher-forced argmax
    accuracy at the image-word positions of a fixed, balanced held-out set (a model that ignores the
-   picture scores chance whatever word it guesses). Template words are not scored: the text alone
+   picture scores about chance, whatever words it guesses). Template words are not scored: the text alone
    predicts them.
 
 The result: a table, ``demo.json`` and ``demo.png`` (``--out``), and the acceptance numbers of
@@ -86,7 +87,7 @@ ACCURACY_MARGIN = 0.01  # acceptance: final accuracy at least dense's minus one 
 CURVE_TOLERANCE = 0.0  # acceptance: ReGATE's curve at or above dense's at equal supervised tokens
 ACCURACY_MEASURE = (
     "teacher-forced argmax accuracy at the image-word positions (colour, shape, count, corner) of "
-    f"{EVAL_PER_TYPE * len(task.QUESTION_TYPES)} held-out samples, balanced so that ignoring the picture scores chance"
+    f"{EVAL_PER_TYPE * len(task.QUESTION_TYPES)} held-out samples, balanced so that ignoring the picture scores about chance"
 )
 
 
@@ -145,9 +146,10 @@ def compare_curves(dense_curve: Sequence[dict[str, float]], regate_curve: Sequen
     token_share: ReGATE's supervised tokens / dense's at the end. final accuracies and their
     difference (raw, the last evaluation of each run). Curves: both smoothed (``smoothed(curve,
     window)``; window 1 compares the raw points), interpolated linearly in supervised tokens and
-    compared at every point of either curve inside the range both cover (exact for piecewise-linear
-    curves: their difference is extreme at those points); ``min_gap`` is the smallest ReGATE - dense
-    accuracy there.
+    compared at every point of either curve inside the range both cover, but for the shared start
+    (both runs begin with the same model at 0 tokens): exact for piecewise-linear curves, whose
+    difference is extreme at those points. ``min_gap`` is the smallest ReGATE - dense accuracy there;
+    ``mean_gap`` the gap averaged over supervised tokens across that range.
     ``regate_tokens_to_dense_final``: the share of dense's tokens after which ReGATE's curve first
     reaches dense's final accuracy (None if it never does).
     """
@@ -161,8 +163,13 @@ def compare_curves(dense_curve: Sequence[dict[str, float]], regate_curve: Sequen
     dense_final, regate_final = dense_curve[-1]["val_accuracy"], regate_curve[-1]["val_accuracy"]
     low = max(dense_curve[0]["supervised_tokens"], regate_curve[0]["supervised_tokens"])
     high = min(dense_total, regate_total)
-    grid = np.unique([p["supervised_tokens"] for p in (*dense_curve, *regate_curve) if low <= p["supervised_tokens"] <= high])
-    gaps = _interp(smoothed(regate_curve, window), grid) - _interp(smoothed(dense_curve, window), grid)
+    grid = np.unique([p["supervised_tokens"] for p in (*dense_curve, *regate_curve) if low < p["supervised_tokens"] <= high])
+    if grid.size == 0:
+        raise ValueError(f"the curves share no supervised-token range beyond their start ({low:g})")
+    dense_smooth, regate_smooth = smoothed(dense_curve, window), smoothed(regate_curve, window)
+    gaps = _interp(regate_smooth, grid) - _interp(dense_smooth, grid)
+    fine = np.linspace(low, high, 2001)
+    mean_gap = float(np.mean(_interp(regate_smooth, fine) - _interp(dense_smooth, fine)))
     worst = int(np.argmin(gaps))
     reached = next((p["supervised_tokens"] for p in regate_curve if p["val_accuracy"] >= dense_final), None)
     token_share = regate_total / dense_total
@@ -175,7 +182,7 @@ def compare_curves(dense_curve: Sequence[dict[str, float]], regate_curve: Sequen
         "curve_token_range": [float(low), float(high)],
         "min_gap": float(gaps[worst]),
         "min_gap_at_tokens": float(grid[worst]),
-        "mean_gap": float(gaps.mean()),
+        "mean_gap": mean_gap,
         "curve_tolerance": tolerance,
         "curve_smoothing": window,
         "regate_tokens_to_dense_final": None if reached is None else reached / dense_total,
@@ -185,19 +192,18 @@ def compare_curves(dense_curve: Sequence[dict[str, float]], regate_curve: Sequen
     }
 
 
-def accepted(comparison: dict[str, Any]) -> bool:
-    return comparison["accept_token_share"] and comparison["accept_accuracy"] and comparison["accept_curve"]
-
-
 # ---------------------------------------------------------------------------------------------
 # models
 # ---------------------------------------------------------------------------------------------
 
 
-def _configs(vocab_size: int, pad_id: int, image_id: int):
+def _configs(vocab: dict[str, int]):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    text = LlamaConfig(vocab_size=vocab_size, pad_token_id=pad_id, bos_token_id=1, eos_token_id=2,
+    vocab_size, pad_id, bos_id, eos_id, image_id = (len(vocab), vocab[task.PAD], vocab[task.BOS], vocab[task.EOS],
+                                                    vocab[task.IMAGE])
+
+    text = LlamaConfig(vocab_size=vocab_size, pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id,
                        tie_word_embeddings=False, **TEXT)
     vision = CLIPVisionConfig(image_size=task.IMAGE_SIZE, patch_size=task.PATCH, **VISION)
     llava = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id,
@@ -233,7 +239,7 @@ def _fit(parameters, batch_loss: Callable[[], torch.Tensor], steps: int, peak_lr
     bar.close()
 
 
-def pretrain_backbone(corpus: task.VQADataset, text_config, steps: int, seed: int, pad_id: int, progress: bool):
+def pretrain_backbone(corpus: task.VQADataset, text_config, steps: int, seed: int, progress: bool):
     """The language model trained text-only on the task's text: the teacher and the student's backbone."""
     from transformers import LlamaForCausalLM
 
@@ -244,7 +250,7 @@ def pretrain_backbone(corpus: task.VQADataset, text_config, steps: int, seed: in
 
     def batch_loss() -> torch.Tensor:
         indices = torch.randint(0, len(corpus), (PRETRAIN_BATCH,), generator=gen).tolist()
-        return model(**corpus.text_batch(indices, pad_id)).loss
+        return model(**corpus.text_batch(indices)).loss
 
     _fit(model.parameters(), batch_loss, steps, PRETRAIN_LR, "text pre-training", progress)
     return model.eval()
@@ -409,14 +415,14 @@ def _threads(count: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Keep transformers' and accelerate's console output down (our bars stay)."""
+    """Keep transformers' and accelerate's console output down (our bars and others' warnings stay)."""
     from transformers.utils import logging as hf_logging
 
     level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.filterwarnings("ignore", module=r"(transformers|accelerate)(\.|$)")
         try:
             yield
         finally:
@@ -483,18 +489,17 @@ def train_run(name: str, config: ReGATEConfig, setup: Setup) -> dict[str, Any]:
 def prepare(steps: int, seed: int, work: Path, progress: bool) -> Setup:
     """Task, language-model pre-training, student, teacher pass: everything before the two runs."""
     from .patches import hf
-    from .scoring import load_teacher, score_dataset
+    from .scoring import check_tokenizers, load_teacher, score_dataset
 
     tokenizer = task.build_tokenizer()
     vocab = tokenizer.get_vocab()
-    pad_id, image_id = vocab[task.PAD], vocab[task.IMAGE]
-    text_config, llava_config = _configs(len(vocab), pad_id, image_id)
+    text_config, llava_config = _configs(vocab)
     train = task.VQADataset(task.generate(TRAIN_SAMPLES, np.random.default_rng([seed, 0])), tokenizer)
     held_out = task.VQADataset(task.generate_balanced(EVAL_PER_TYPE, np.random.default_rng([seed, 1])), tokenizer,
                                with_targets=True)
     corpus = task.VQADataset(task.generate(PRETRAIN_SAMPLES, np.random.default_rng([seed, 2])), tokenizer)
 
-    backbone = pretrain_backbone(corpus, text_config, PRETRAIN_STEPS, seed, pad_id, progress)
+    backbone = pretrain_backbone(corpus, text_config, PRETRAIN_STEPS, seed, progress)
     tower = pretrain_vision(corpus, llava_config.vision_config, VISION_STEPS, seed, progress)
     teacher_dir, student_dir = work / "teacher", work / "student"
     backbone.save_pretrained(teacher_dir)
@@ -506,9 +511,10 @@ def prepare(steps: int, seed: int, work: Path, progress: bool) -> Setup:
     # the teacher pass, as `regate score --target hf --teacher teacher/ --out refcache/ -- ...` runs it
     source = hf.HFScoringSource(train, str(student_dir), dataset_id=f"regate-demo-seed{seed}", teacher=str(teacher_dir))
     cache_dir = work / "refcache"
+    check_tokenizers(source.tokenizer_fingerprint, source.load_tokenizer(str(teacher_dir)), str(teacher_dir))
     score_dataset(source, load_teacher(str(teacher_dir), torch.device("cpu"), torch.float32), cache_dir,
                   batch_size=64, progress=progress)
-    eval_batches = [task.collate([held_out[i] for i in range(k, min(k + 80, len(held_out)))], pad_id)
+    eval_batches = [task.collate([held_out[i] for i in range(k, min(k + 80, len(held_out)))], held_out.pad_id)
                     for k in range(0, len(held_out), 80)]
     return Setup(steps, seed, work, student_dir, train, eval_batches, source, cache_dir, progress)
 
@@ -593,13 +599,14 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax_tokens, ax_seconds) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    window = result["comparison"]["curve_smoothing"]
     for name, color in (("dense", "tab:blue"), ("regate", "tab:orange")):
         curve = result["runs"][name]["curve"]
         raw = [p["val_accuracy"] for p in curve]
-        mean = [p["val_accuracy"] for p in smoothed(curve, result["comparison"]["curve_smoothing"])]
+        mean = [p["val_accuracy"] for p in smoothed(curve, window)]
         for ax, x in ((ax_tokens, [p["supervised_tokens"] for p in curve]), (ax_seconds, [p["train_seconds"] for p in curve])):
             ax.plot(x, raw, "o", ms=3, alpha=0.45, color=color)
-            ax.plot(x, mean, "-", color=color, label=f"{name} (dots: each evaluation; line: mean of {SMOOTHING})")
+            ax.plot(x, mean, "-", color=color, label=f"{name} (dots: each evaluation; line: mean of {window})")
     ax_tokens.set_xlabel("supervised tokens trained")
     ax_seconds.set_xlabel("training seconds (evaluation excluded)")
     ax_tokens.set_ylabel("held-out image-word accuracy")

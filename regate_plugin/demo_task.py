@@ -10,13 +10,13 @@ noisy background, 1-4 objects of one colour and one shape sit in distinct cells 
     corner   top/bottom + left/right
 
 A sample asks one of five questions (two phrasings each). The answer is a templated sentence of
-11-15 tokens (end of sentence included) that the question's text fully determines, except for 1-3
-*image words* (the colour, shape, count or corner) that only the picture tells::
+12-16 words (13-17 tokens with the end of sentence) that the question's text fully determines,
+except for 1-3 *image words* (the colour, shape, count or corner) that only the picture tells::
 
     what color are the shapes ?
-      -> all of the shapes in this picture are painted [red] . </s>
+      -> [red] . all of the shapes in this picture are painted in that color . </s>
     describe the picture .
-      -> the picture shows [three] [red] [circle] shapes on a black background . </s>
+      -> [three] [red] [circle] shapes on a black background : that is what the picture shows . </s>
 
 A text-only language model trained on this text predicts the template words almost perfectly
 and the image words only at chance: the situation ReGATE's reference loss is made for.
@@ -29,7 +29,6 @@ Sample layout (what a transformers processor produces for Llava)::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -100,8 +99,8 @@ def vocabulary() -> list[str]:
     return words
 
 
-def build_tokenizer(folder: Path | None = None):
-    """A word-level tokenizer over ``vocabulary()`` (saved to ``folder`` when given)."""
+def build_tokenizer():
+    """A word-level tokenizer over ``vocabulary()``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -112,8 +111,6 @@ def build_tokenizer(folder: Path | None = None):
         tokenizer_object=backend, pad_token=PAD, unk_token=PAD, bos_token=BOS, eos_token=EOS,
         model_max_length=64,
     )
-    if folder is not None:
-        tokenizer.save_pretrained(folder)
     return tokenizer
 
 
@@ -235,18 +232,17 @@ class VQADataset(torch.utils.data.Dataset):
             item["image_word"] = self.image_word[index]
         return item
 
-    def text_batch(self, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+    def text_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """Text-only rows for the language model's pre-training: visual placeholders -> pad, labels on
         every question and answer token (what a base language model of this domain has read)."""
         rows = []
         for i in indices:
             ids = self.input_ids[i].clone()
-            ids[1:1 + VISUAL_TOKENS] = pad_id
+            ids[1:1 + VISUAL_TOKENS] = self.pad_id
             labels = ids.clone()
             labels[: 1 + VISUAL_TOKENS] = IGNORE_INDEX
             rows.append({"input_ids": ids, "labels": labels})
-        batch = collate(rows, pad_id)
-        return batch
+        return collate(rows, self.pad_id)
 
 
 def collate(samples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, torch.Tensor]:
@@ -292,11 +288,12 @@ def generate(size: int, rng: np.random.Generator) -> list[tuple[Scene, QA, np.nd
 
 
 def generate_balanced(per_type: int, rng: np.random.Generator) -> list[tuple[Scene, QA, np.ndarray]]:
-    """A held-out set in which, for every question type, each value of each asked slot occurs
-    equally often (``per_type`` a multiple of 24): a model that ignores the picture and always
-    answers the same word scores exactly chance, whichever word it picks."""
-    if per_type % 24:
-        raise ValueError(f"per_type must be a multiple of 24, got {per_type}")
+    """A held-out set in which, for every question type, each value of each slot occurs equally
+    often (``per_type`` a multiple of 12, for 6 colours, 4 shapes, counts and corners, 2 phrasings):
+    a model that ignores the picture gives one answer to all the pictures of a question, so it
+    scores about chance on every slot, whichever words it picks."""
+    if per_type % 12:
+        raise ValueError(f"per_type must be a multiple of 12, got {per_type}")
     samples = []
 
     def balanced(values: int) -> np.ndarray:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from regate_plugin import demo
+from regate_plugin import ReGATEConfig, demo
 from regate_plugin import demo_task as task
 from regate_plugin.cli import main
 from regate_plugin.refcache import RefCache
@@ -72,21 +72,26 @@ def test_held_out_set_is_balanced_so_a_blind_guess_scores_chance():
         for slot, values in task.SLOTS.items():
             counts = {v: sum(scene.slot(slot) == v for scene, _ in asked) for v in values}
             assert set(counts.values()) == {48 // len(values)}, (qtype, slot, counts)
-    with pytest.raises(ValueError, match="multiple of 24"):
-        task.generate_balanced(50, np.random.default_rng(1))
+    assert len(task.generate_balanced(12, np.random.default_rng(1))) == 12 * len(task.QUESTION_TYPES)
+    with pytest.raises(ValueError, match="multiple of 12"):
+        task.generate_balanced(18, np.random.default_rng(1))
 
 
 # --- schedule scaling and the acceptance arithmetic -----------------------------------------
 
 
-def test_scaled_schedule_is_the_papers_at_its_run_length():
+def test_scaled_schedule_keeps_the_papers_proportions():
+    # at the paper's run length: its warmup and dense steps; cycle 5000/40 = 125 (the paper's 128, rounded)
     config = demo.scaled_config(5000)
     assert (config.warmup, config.cycle, config.dense_steps, config.keep_ratio) == (100, 125, 16, 0.5)
     facts = demo.schedule_facts(1600, demo.scaled_config(1600))
     assert (facts["warmup"], facts["cycle"], facts["dense_steps"]) == (32, 40, 5)
-    sparse = sum(keep_ratio_at(t, demo.scaled_config(1600)) < 1 for t in range(1600))
-    assert facts["sparse_steps_total"] == sparse == sparse_step_count(1600, demo.scaled_config(1600))
-    assert facts["token_share_before_rounding"] == pytest.approx((1600 - 0.5 * sparse) / 1600)
+    ratios = [keep_ratio_at(t, demo.scaled_config(1600)) for t in range(1600)]
+    assert facts["sparse_steps_total"] == sum(r < 1 for r in ratios) == sparse_step_count(1600, demo.scaled_config(1600))
+    assert facts["token_share_before_rounding"] == pytest.approx(sum(ratios) / 1600)
+    # the same share of tokens as the paper's own schedule over its run, within a point
+    paper = [keep_ratio_at(t, ReGATEConfig()) for t in range(5000)]
+    assert facts["token_share_before_rounding"] == pytest.approx(sum(paper) / 5000, abs=0.01)
 
 
 def _curve(points):
@@ -99,11 +104,13 @@ def test_compare_curves_by_hand():
     c = demo.compare_curves(dense, regate, window=1)
     assert c["token_share"] == pytest.approx(0.6)
     assert c["accuracy_difference"] == pytest.approx(-0.01)
-    # compared at 0, 50, 100, 120: dense 0.2, 0.4, 0.6, 0.64; regate 0.2, 0.5, 0.7286, 0.79
-    assert c["curve_points_compared"] == 4 and c["curve_token_range"] == [0.0, 120.0]
-    assert c["min_gap"] == pytest.approx(0.0) and c["min_gap_at_tokens"] == 0.0
-    assert c["mean_gap"] == pytest.approx((0 + 0.1 + (0.5 + 0.29 * 50 / 70 - 0.6) + 0.15) / 4)
-    assert c["accept_token_share"] and c["accept_accuracy"] and c["accept_curve"] and demo.accepted(c)
+    # compared at 50, 100, 120 (not at the shared start): dense 0.4, 0.6, 0.64; regate 0.5, 0.7286, 0.79
+    assert c["curve_points_compared"] == 3 and c["curve_token_range"] == [0.0, 120.0]
+    assert c["min_gap"] == pytest.approx(0.1) and c["min_gap_at_tokens"] == 50.0
+    # mean over tokens 0..120 of the piecewise-linear gap: integrals 2.5 on 0..50 (0.002x),
+    # 5 + 0.01/70*1250 on 50..100, 20 * (0.1 + 0.01/70*50 + 0.15) / 2 on 100..120; total 10.25
+    assert c["mean_gap"] == pytest.approx(10.25 / 120, abs=1e-3)
+    assert c["accept_token_share"] and c["accept_accuracy"] and c["accept_curve"]
     assert c["regate_tokens_to_dense_final"] is None
     # one evaluation's dip below dense fails the raw comparison; the mean of 3 evaluations does not
     dip = _curve([(0, 0.2), (40, 0.5), (60, 0.3), (90, 0.7), (120, 0.79)])
@@ -111,10 +118,12 @@ def test_compare_curves_by_hand():
     assert raw["min_gap"] == pytest.approx(0.3 - 0.44) and raw["min_gap_at_tokens"] == 60 and not raw["accept_curve"]
     assert [p["val_accuracy"] for p in demo.smoothed(dip, 3)] == pytest.approx([0.2, 0.35, 1 / 3, 0.5, 0.59666667])
     smooth = demo.compare_curves(dense, dip, window=3)
-    # smoothed dense: 0.2, 0.4, 0.5333 at 0, 100, 200; gaps at 40 and 60: 0.35 - 0.28, 1/3 - 0.32
-    assert smooth["min_gap"] == pytest.approx(0.0) and smooth["accept_curve"]
-    assert smooth["mean_gap"] == pytest.approx(np.mean([0, 0.07, 1 / 3 - 0.32, 0.5 - 0.38, 0.5 + 0.09667 / 3 - 0.4, 0.59667 - 0.42667]), abs=1e-4)
+    # smoothed dense: 0.2, 0.4, 0.5333 at 0, 100, 200; smallest gap at 60: 1/3 - 0.32
+    assert smooth["min_gap"] == pytest.approx(1 / 3 - 0.32) and smooth["min_gap_at_tokens"] == 60 and smooth["accept_curve"]
     assert smooth["curve_smoothing"] == 3 and raw["curve_smoothing"] == 1
+    # ReGATE reaching dense's final accuracy: the first of its points at or above it
+    strong = _curve([(0, 0.2), (60, 0.81), (110, 0.9)])
+    assert demo.compare_curves(dense, strong, window=1)["regate_tokens_to_dense_final"] == pytest.approx(0.3)
     # too many tokens, too low a final accuracy
     heavy = _curve([(0, 0.2), (130, 0.9)])
     assert not demo.compare_curves(dense, heavy)["accept_token_share"]
