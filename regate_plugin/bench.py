@@ -123,7 +123,7 @@ from .attention import resolve_backend
 from .config import ReGATEConfig
 from .engine import ReGATEEngine
 from .refcache import Fingerprint, write_cache
-from .schedule import sparse_step_count
+from .schedule import sparse_step_count, token_share
 from .units import IGNORE_INDEX, find_units
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -754,7 +754,7 @@ def schedule_weighted(dense: dict[str, Any], sparse: dict[str, Any], num_steps: 
     peaks = [r["peak_memory_bytes"] for r in (dense, sparse)]
     return {
         "mode": SCHEDULE,
-        "keep_ratio": mix(1.0, config.keep_ratio),
+        "keep_ratio": token_share(num_steps, config),
         "step_seconds_median": seconds,
         "peak_memory_bytes": None if None in peaks else max(peaks),
         "llm_tokens_per_step": mix(dense["llm_tokens_per_step"], sparse["llm_tokens_per_step"]),

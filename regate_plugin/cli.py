@@ -16,7 +16,7 @@ import click
 from . import __version__
 from .config import ATTN_BACKENDS, SELECTIONS, ConfigError, ReGATEConfig
 from .plugins import targets
-from .schedule import sparse_step_count
+from .schedule import sparse_step_count, token_share
 
 _HELP = {
     "keep_ratio": "Share of supervised tokens kept on sparse steps (p_keep).",
@@ -91,7 +91,7 @@ def list_targets() -> None:
 def show_schedule(steps: int, as_json: bool, config: ReGATEConfig) -> None:
     """Show the dense/sparse schedule of a run and the share of supervised tokens it trains on."""
     sparse = sparse_step_count(steps, config)
-    share = (steps - sparse * (1.0 - config.keep_ratio)) / steps
+    share = token_share(steps, config)
     summary = {"steps": steps, "dense_steps": steps - sparse, "sparse_steps": sparse, "token_share": share}
     if as_json:
         click.echo(json.dumps({**summary, "config": config.to_dict()}, indent=2))

@@ -34,6 +34,7 @@ between the two accuracy curves at equal supervised tokens.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import math
@@ -51,7 +52,7 @@ import torch
 from . import demo_task as task
 from .config import ReGATEConfig
 from .hookspecs import StepStats, hookimpl
-from .schedule import sparse_step_count
+from .schedule import sparse_step_count, token_share
 
 # ---------------------------------------------------------------------------------------------
 # sizes and settings
@@ -81,7 +82,7 @@ TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_att
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4)
 
 #: the paper's schedule (ReGATEConfig's defaults) and the run length it was set for
-PAPER = {"steps": 5000, "warmup": 100, "cycle": 128, "dense_steps": 16, "keep_ratio": 0.5}
+PAPER, PAPER_STEPS = ReGATEConfig(), 5000
 TOKEN_SHARE_LIMIT = 0.62  # acceptance: ReGATE trains on at most this share of dense's tokens
 ACCURACY_MARGIN = 0.01  # acceptance: final accuracy at least dense's minus one point
 CURVE_TOLERANCE = 0.0  # acceptance: ReGATE's curve at or above dense's at equal supervised tokens
@@ -95,8 +96,7 @@ def scaled_config(steps: int) -> ReGATEConfig:
     """The paper's schedule (warmup 100, cycle 128, 16 dense, keep 0.5 over ~5000 steps) scaled to
     ``steps``: warmup 2% of the run, cycle steps/40, dense steps cycle/8."""
     cycle = max(2, round(steps / 40))
-    return ReGATEConfig(warmup=max(1, round(0.02 * steps)), cycle=cycle, dense_steps=max(1, round(cycle / 8)),
-                        keep_ratio=PAPER["keep_ratio"])
+    return PAPER.replace(warmup=max(1, round(0.02 * steps)), cycle=cycle, dense_steps=max(1, round(cycle / 8)))
 
 
 def schedule_facts(steps: int, config: ReGATEConfig) -> dict[str, Any]:
@@ -105,15 +105,16 @@ def schedule_facts(steps: int, config: ReGATEConfig) -> dict[str, Any]:
         "warmup": config.warmup, "cycle": config.cycle, "dense_steps": config.dense_steps,
         "keep_ratio": config.keep_ratio, "ema_beta": config.ema_beta, "ref_weight": config.ref_weight,
         "steps": steps, "dense_steps_total": steps - sparse, "sparse_steps_total": sparse,
-        "token_share_before_rounding": (steps - sparse * (1.0 - config.keep_ratio)) / steps,
-        "scaled_from": dict(PAPER),
+        "token_share_before_rounding": token_share(steps, config),
+        "scaled_from": {"steps": PAPER_STEPS, "warmup": PAPER.warmup, "cycle": PAPER.cycle,
+                        "dense_steps": PAPER.dense_steps, "keep_ratio": PAPER.keep_ratio},
     }
 
 
 def format_schedule(facts: dict[str, Any]) -> str:
     return (
-        f"schedule: the paper's (warmup {PAPER['warmup']}, cycle {PAPER['cycle']}, {PAPER['dense_steps']} dense, "
-        f"keep {PAPER['keep_ratio']:g}, for ~{PAPER['steps']} steps) scaled to {facts['steps']} steps: "
+        f"schedule: the paper's (warmup {PAPER.warmup}, cycle {PAPER.cycle}, {PAPER.dense_steps} dense, "
+        f"keep {PAPER.keep_ratio:g}, for ~{PAPER_STEPS} steps) scaled to {facts['steps']} steps: "
         f"warmup {facts['warmup']}, cycle {facts['cycle']}, dense_steps {facts['dense_steps']}, "
         f"keep_ratio {facts['keep_ratio']:g}\n"
         f"          {facts['dense_steps_total']} dense + {facts['sparse_steps_total']} sparse steps: "
@@ -355,13 +356,11 @@ def _callbacks_module():
             self.counter, self.evaluate, self.every, self.steps = counter, evaluate, every, steps
             self.curve: list[dict[str, Any]] = []
             self.train_seconds = 0.0
-            self.final: dict[str, float] = {}
             self._since = None
             self.bar = tqdm(total=steps, desc=f"fine-tuning ({name})", unit="step", disable=not progress)
 
         def _point(self, step):
             scores = self.evaluate()
-            self.final = scores
             self.curve.append({"step": step, "supervised_tokens": self.counter.supervised_kept,
                                "val_accuracy": scores["all"], "train_seconds": self.train_seconds,
                                "llm_tokens": self.counter.llm_tokens,
@@ -458,7 +457,7 @@ def train_run(name: str, config: ReGATEConfig, setup: Setup) -> dict[str, Any]:
         report_to=[], use_cpu=True, disable_tqdm=True, log_level="error", dataloader_num_workers=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=IndexedDataset(setup.train),
-                      data_collator=IndexedCollator(task.Collator(setup.train.pad_id)))
+                      data_collator=IndexedCollator(functools.partial(task.collate, pad_id=setup.train.pad_id)))
     attach(trainer, engine)
     every = max(1, setup.steps // EVAL_POINTS)
     curve = _callbacks_module()(name, counter, lambda: image_word_accuracy(model, setup.eval_batches),
@@ -476,7 +475,7 @@ def train_run(name: str, config: ReGATEConfig, setup: Setup) -> dict[str, Any]:
         "padded_tokens": counter.padded_tokens,
         "train_seconds": curve.train_seconds,
         "val_accuracy": curve.curve[-1]["val_accuracy"],
-        "val_accuracy_by_kind": {k: v for k, v in curve.final.items() if k != "all"},
+        "val_accuracy_by_kind": curve.curve[-1]["val_accuracy_by_kind"],
         "curve": curve.curve,
     }
 

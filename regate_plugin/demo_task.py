@@ -267,16 +267,6 @@ def collate(samples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, tor
     return batch
 
 
-class Collator:
-    """Picklable collate function with the pad id bound (the Trainer's ``data_collator``)."""
-
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
-
-    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return collate(samples, self.pad_id)
-
-
 def generate(size: int, rng: np.random.Generator) -> list[tuple[Scene, QA, np.ndarray]]:
     """``size`` samples: uniform question type and phrasing, uniform scene attributes."""
     samples = []

@@ -29,3 +29,9 @@ def sparse_step_count(num_steps: int, config: ReGATEConfig) -> int:
     full_cycles, rest = divmod(after_warmup, config.cycle)
     sparse_per_cycle = config.cycle - config.dense_steps
     return full_cycles * sparse_per_cycle + max(0, rest - config.dense_steps)
+
+
+def token_share(num_steps: int, config: ReGATEConfig) -> float:
+    """Share of dense training's supervised units that a ``num_steps`` run keeps (the mean keep
+    ratio; per-sample rounding up adds a little on top)."""
+    return (num_steps - sparse_step_count(num_steps, config) * (1.0 - config.keep_ratio)) / num_steps

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from regate_plugin.config import ConfigError, ReGATEConfig
-from regate_plugin.schedule import is_dense_step, keep_ratio_at, sparse_step_count
+from regate_plugin.schedule import is_dense_step, keep_ratio_at, sparse_step_count, token_share
 from regate_plugin.selection import difficulty_scores, keep_quota, select_units
 from regate_plugin.units import IGNORE_INDEX, find_units
 
@@ -108,6 +108,8 @@ def test_schedule_share_of_supervised_units_over_5000_steps():
     assert used == expected_units
     share_without_rounding = (steps - sparse * (1 - cfg.keep_ratio)) / steps
     assert share_without_rounding == pytest.approx(0.5724)  # the paper: about 56-59% of dense tokens
+    assert token_share(steps, cfg) == pytest.approx(share_without_rounding)
+    assert token_share(steps, cfg) == pytest.approx(sum(keep_ratio_at(t, cfg) for t in range(steps)) / steps)
 
 
 @pytest.mark.parametrize(
