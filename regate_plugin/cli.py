@@ -14,6 +14,7 @@ from typing import Any, Callable
 import click
 
 from . import __version__
+from .collectives import close_process_group
 from .config import ATTN_BACKENDS, SELECTIONS, ConfigError, ReGATEConfig
 from .plugins import targets
 from .schedule import sparse_step_count, token_share
@@ -168,7 +169,7 @@ def score_command(target: str, teacher: str, out: Path, batch_size: int, shard_s
     cache = score_dataset(source, load_teacher(teacher, device, torch_dtype), out, batch_size, shard_size, progress)
     if cache is not None:
         click.echo(f"wrote {out}: {cache.num_samples} samples, {cache.num_units} supervised units")
-    _close_process_group()
+    close_process_group()
 
 
 def _target(name: str):
@@ -271,16 +272,7 @@ def train_command(target: str, enabled: bool, ref_cache: Path | None, packing_on
     if enabled:
         spec.apply(config, None if packing_only else str(ref_cache))
     spec.launch(list(target_args), attn_implementation)
-    _close_process_group()
-
-
-def _close_process_group() -> None:
-    """Leave no communication thread running at exit (gloo aborts the process otherwise)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    close_process_group()
 
 
 def _register_commands() -> None:

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .collectives import collective_device, is_multi_rank
+
 
 class EMATable:
     """m <- beta*m + (1-beta)*loss per unit; float32 (4 bytes a unit: 665k x 150 units = 0.4 GB)."""
@@ -73,7 +75,7 @@ class EMATable:
         self._pending_index.clear()
         self._pending_loss.clear()
         self._pending_init.clear()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        if is_multi_rank(group):
             if self.exchange_inits:
                 init_index, init_values = all_gather_updates(init_index, init_values, group)
             index, loss = all_gather_updates(index, loss, group)
@@ -134,8 +136,7 @@ def all_gather_updates(index: torch.Tensor, loss: torch.Tensor, group: Any = Non
 
     Moves data on the device the process group's backend needs (CUDA for NCCL, CPU for gloo).
     """
-    backend = dist.get_backend(group)
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    device = collective_device(group)
     world = dist.get_world_size(group)
     size = torch.tensor([index.numel()], dtype=torch.int64, device=device)
     sizes = [torch.zeros_like(size) for _ in range(world)]

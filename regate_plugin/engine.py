@@ -20,6 +20,7 @@ import pluggy
 import torch
 import torch.distributed as dist
 
+from .collectives import collective_device, is_multi_rank
 from .config import ReGATEConfig
 from .ema import EMATable
 from .hookspecs import StepStats
@@ -131,7 +132,7 @@ class ReGATEEngine:
         rows = plan.packed.loss_rows
         chunks = chunk_count(rows.numel(), self.config.loss_chunk_rows)
         if _is_partitioned(lm_head):  # ZeRO-3: every rank calls the LM head equally often
-            chunks = _max_across_ranks(chunks, hidden.device)
+            chunks = _max_across_ranks(chunks)
         mean, per_unit = kept_token_loss(
             hidden, lm_head, rows, plan.packed.targets[rows], self.config.loss_chunk_rows, min_chunks=max(chunks, 1)
         )
@@ -204,9 +205,9 @@ def _is_partitioned(module: torch.nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
-def _max_across_ranks(value: int, device: torch.device) -> int:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def _max_across_ranks(value: int) -> int:
+    if not is_multi_rank():
         return value
-    tensor = torch.tensor([value], device=device if dist.get_backend() == "nccl" else "cpu")
+    tensor = torch.tensor([value], device=collective_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return int(tensor.item())

@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 
 from .engine import SAMPLE_INDEX_KEY, ReGATEEngine
 from .atomic import write_atomic
+from .collectives import collective_device, is_multi_rank
 
 STATE_FILE = "regate_state.pt"
 METRICS = ("supervised_total", "supervised_kept", "llm_tokens", "padded_tokens")
@@ -145,9 +146,8 @@ def load_state(engine: ReGATEEngine, checkpoint: Path) -> None:
 
 
 def _sum_across_ranks(values: list[int]) -> list[int]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not is_multi_rank():
         return values
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    total = torch.tensor(values, dtype=torch.int64, device=device)
+    total = torch.tensor(values, dtype=torch.int64, device=collective_device())
     dist.all_reduce(total)
     return total.tolist()

@@ -15,6 +15,7 @@ import torch
 import transformers
 
 from regate_plugin import ReGATEConfig, ReGATEEngine, RefCache
+from regate_plugin.collectives import close_process_group
 from regate_plugin.patches import hf
 from regate_plugin.trainer import IndexedCollator, IndexedDataset, attach
 from tiny_hf import collate, tiny_model, tiny_samples
@@ -86,8 +87,7 @@ def main() -> None:
     record = {"selections": engine.selections, "digests": engine.digests, "lm_head_partitioned": partitioned}
     (args.out / f"rank{rank}.json").write_text(json.dumps(record))
     torch.save(engine.ema.values, args.out / f"ema{rank}.pt")
-    if torch.distributed.is_initialized():  # a clean exit: no gloo thread left joinable at shutdown
-        torch.distributed.destroy_process_group()
+    close_process_group()
 
 
 if __name__ == "__main__":
