@@ -4,6 +4,8 @@
     nox -s tests                    # transformers >= 4.53 only
 """
 
+import os
+
 import nox
 
 nox.options.sessions = ["tests", "llava", "videollama2"]
@@ -46,3 +48,31 @@ def videollama2(session: nox.Session, transformers: str) -> None:
     session.install("--no-deps", "timm==1.0.3", "torchvision==0.16.2", "deepspeed==0.19.8")
     session.install("-e", ".")
     session.run("python", "-m", "pytest", "tests/legacy_vl2", *session.posargs, env={"OMP_NUM_THREADS": "1"})
+
+
+# transformers' own modeling tests, one file for each class in patches/hf.py's SUPPORTED
+TRANSFORMERS_SUITE_FILES = (
+    "tests/models/llava/test_modeling_llava.py",
+    "tests/models/llava_next_video/test_modeling_llava_next_video.py",
+    "tests/models/qwen2_5_vl/test_modeling_qwen2_5_vl.py",
+)
+
+
+@nox.session(name="transformers_suite")
+def transformers_suite(session: nox.Session) -> None:
+    """transformers' own modeling tests of the hf target's classes with hf.enable on every model they build.
+    By hand: REGATE_TRANSFORMERS_TESTS=<tests checkout> nox -s transformers_suite (tests/transformers_suite/README.md)."""
+    checkout = os.environ.get("REGATE_TRANSFORMERS_TESTS")
+    if not checkout:
+        session.skip("REGATE_TRANSFORMERS_TESTS is not set: point it at a transformers tests checkout "
+                     "(tests/transformers_suite/README.md says how to assemble one)")
+    session.install(TORCH)
+    session.install("transformers==5.24.0", "pytest>=7.2,<9", "pytest-xdist", "pytest-timeout", "pytest-rerunfailures<16",
+                    "pytest-order", "pytest-env", "pytest-asyncio", "timeout-decorator", "parameterized>=0.9", "psutil",
+                    "datasets>=2.15", "accelerate>=1.1", "pillow", "httpx")
+    session.install("-e", ".")
+    plugin_dir = os.path.join(os.getcwd(), "tests", "transformers_suite")
+    session.chdir(checkout)
+    session.run("python", "-m", "pytest", "-p", "regate_everywhere", "-p", "no:cacheprovider", "--timeout", "600",
+                *TRANSFORMERS_SUITE_FILES, *session.posargs,
+                env={"PYTHONPATH": plugin_dir, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})

@@ -3,9 +3,13 @@
 ``enable(model, engine)`` patches the model's class once (idempotent) and attaches the engine to this
 model. A training forward with labels then runs the model's own vision encoding and multimodal merge
 unchanged; only the call into the text model is intercepted: there the engine selects units, the
-kept positions are packed into one row (original position ids, explicit ``cu_seq_lens_q/k``,
-``use_cache=False``) and the text model runs with our varlen attention. The loss is evaluated on
-kept supervised rows only. Evaluation, generation and forwards without labels run upstream code.
+kept positions are packed into one row (original position ids, ``use_cache=False``) and the text
+model runs with our varlen attention. The loss is evaluated on kept supervised rows only.
+
+The training-forward contract (README, "The packed training forward"): the output holds the loss,
+``logits`` is None and there is no cache; asking for hidden states, attentions or a cache in a
+training forward with labels is an error (the packed row does not map back to the batch's shape).
+Everything else (eval, generation, forwards without labels, the config, copies) is upstream's own.
 """
 
 from __future__ import annotations
@@ -15,15 +19,17 @@ import contextlib
 import functools
 import importlib
 import inspect
+import os
+import sys
 from typing import Any, Callable, Iterator
 
 import torch
 
+from regate_plugin.attention import segment_max_span
 from regate_plugin.engine import SAMPLE_INDEX_KEY, ReGATEEngine, StepPlan
 from regate_plugin.hookspecs import Target, hookimpl
-from regate_plugin.packing import pack
-from regate_plugin.refcache import Fingerprint
-from regate_plugin.scoring import dataset_probe, teacher_fingerprint, tokenizer_fingerprint
+from regate_plugin.packing import Packed, pack
+from regate_plugin.scoring import FingerprintedSource, dataset_probe, tokenizer_fingerprint
 from regate_plugin.units import IGNORE_INDEX
 from regate_plugin.versions import require
 
@@ -31,6 +37,15 @@ from . import hf_attention
 
 SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextVideoForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 _DROP_FOR_BASE_MODEL = ("labels", "num_items_in_batch", "logits_to_keep", "return_dict", "use_cache")
+# Outputs a packed training forward cannot give, and what asks for each: (kwarg, config flag).
+_UNAVAILABLE_OUTPUTS = {
+    "hidden states": ("output_hidden_states", "output_hidden_states"),
+    "attentions": ("output_attentions", "output_attentions"),
+}
+
+
+class TrainingForwardError(ValueError):
+    """A training forward with labels asked for something the packed forward does not produce."""
 
 
 def requirement() -> str | None:
@@ -45,7 +60,7 @@ def enable(model: torch.nn.Module, engine: ReGATEEngine) -> torch.nn.Module:
     cls = type(model)
     if not any(base.__name__ in SUPPORTED for base in cls.__mro__):
         raise TypeError(f"{cls.__name__} is not supported by the hf target; supported: {', '.join(SUPPORTED)}")
-    hf_attention.install(_text_model(model), engine.config.attn_backend)
+    hf_attention.install(_text_model(model))
     _patch_forward(cls)
     model._regate_engine = engine
     return model
@@ -91,6 +106,34 @@ def _var_keyword(signature: inspect.Signature) -> str | None:
     return next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
 
 
+def check_training_request(model: torch.nn.Module, kwargs: dict[str, Any]) -> None:
+    """Refuse what the packed training forward cannot return, naming who asked and the way out.
+
+    The config's ``use_cache`` default is ignored (training never uses a cache); an explicit
+    ``use_cache=True`` or a passed cache is refused, as are hidden states and attentions, whether the
+    call or the config asks for them.
+    """
+    fix = "call the model in eval mode or without labels, or hf.disable(model) for this forward"
+    config = model.config
+    for what, (kwarg, flag) in _UNAVAILABLE_OUTPUTS.items():
+        asked = kwargs.get(kwarg)
+        if asked or (asked is None and getattr(config, flag, False)):
+            source = f"{kwarg}=True" if asked else f"config.{flag}=True"
+            raise TrainingForwardError(f"{source}: ReGATE's packed training forward returns no {what}; {fix}")
+    if kwargs.get("use_cache"):
+        raise TrainingForwardError(f"use_cache=True: ReGATE's packed training forward builds no cache; {fix}")
+    passed = [k for k in ("past_key_values", "cache") if kwargs.get(k) is not None]
+    if passed:
+        raise TrainingForwardError(f"{passed[0]} given: ReGATE's packed training forward cannot continue a cache; {fix}")
+
+
+def packed_attention(host: Packed, device_plan: Packed, backend: str) -> hf_attention.PackedAttention:
+    """The attention side of a packing plan; the segments' column spans come from the host copy."""
+    return hf_attention.PackedAttention(
+        device_plan.cu_seqlens, device_plan.max_seqlen, device_plan.col, segment_max_span(host.col, host.cu_seqlens), backend
+    )
+
+
 @contextlib.contextmanager
 def _intercept(module: torch.nn.Module, replacement: Callable[..., Any]) -> Iterator[None]:
     """Route calls of ``module`` to ``replacement`` for the duration (hooks still run around it)."""
@@ -104,6 +147,7 @@ def _intercept(module: torch.nn.Module, replacement: Callable[..., Any]) -> Iter
 def _training_forward(model: torch.nn.Module, engine: ReGATEEngine, sample_index: Any, kwargs: dict[str, Any]) -> Any:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
+    check_training_request(model, kwargs)
     labels = kwargs["labels"]
     num_items_in_batch = kwargs.get("num_items_in_batch")
     base_kwargs = {k: v for k, v in kwargs.items() if k not in _DROP_FOR_BASE_MODEL}
@@ -120,19 +164,14 @@ def _training_forward(model: torch.nn.Module, engine: ReGATEEngine, sample_index
             )
         plan = engine.plan(labels, text_kwargs.pop("attention_mask", None), sample_index, text_kwargs.pop("position_ids", None))
         plans.append(plan)
-        packed = plan.packed
-        cu = packed.cu_seqlens
         text_kwargs.update(
-            inputs_embeds=pack(embeds, packed),
+            inputs_embeds=pack(embeds, plan.packed),
             attention_mask=None,
-            position_ids=packed.position_ids,
+            position_ids=plan.packed.position_ids,
             use_cache=False,
-            cu_seq_lens_q=cu,
-            cu_seq_lens_k=cu,
-            max_length_q=packed.max_seqlen,
-            max_length_k=packed.max_seqlen,
         )
-        with hf_attention.packed_forward():
+        text_kwargs[hf_attention.PACKED_KEY] = packed_attention(plan.host, plan.packed, engine.config.attn_backend)
+        with hf_attention.implementation(text_model.config, hf_attention.NAME):
             return text_forward(text_model, **text_kwargs)
 
     with _intercept(text_model, packed_text_model):
@@ -165,11 +204,12 @@ def _load_student(student: str) -> tuple[Any, Any, list[int]]:
     return config, AutoTokenizer.from_pretrained(student), visual
 
 
-class HFScoringSource:
+class HFScoringSource(FingerprintedSource):
     """Text-only views of a dataset whose samples carry ``input_ids`` with the visual placeholders
     already expanded (what transformers' processors produce) and ``labels``.
 
-    Training checks its cache with ``RefCache.open(path, expect=HFScoringSource(...).expected())``.
+    Training checks its cache with ``RefCache.open(path, expect=HFScoringSource(...).expected())``
+    when it starts (a probe of 64 samples), and the engine checks every micro-batch's samples.
     """
 
     def __init__(
@@ -182,23 +222,19 @@ class HFScoringSource:
         self.pad_token_id = int(pad if pad is not None else getattr(config.get_text_config(), "pad_token_id", 0) or 0)
         self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
         self.decode = tokenizer.decode
-        self.fingerprint = Fingerprint(
-            dataset=f"{dataset_id}|n={len(dataset)}|probe={dataset_probe(self.text_only, len(dataset))}",
-            tokenizer=self.tokenizer_fingerprint,
-            teacher=teacher_fingerprint(teacher) if teacher else "",
-            visual_tokens="expanded in input_ids: " + ",".join(map(str, visual)),
-            max_length=int(max_length or min(tokenizer.model_max_length, 2**31 - 1)),
-        )
+        self.teacher = teacher or ""
+        self.fields = {
+            "dataset": f"{dataset_id}|n={len(dataset)}|probe={dataset_probe(self.text_only, len(dataset))}",
+            "tokenizer": self.tokenizer_fingerprint,
+            "visual_tokens": "expanded in input_ids: " + ",".join(map(str, visual)),
+            "max_length": int(max_length or min(tokenizer.model_max_length, 2**31 - 1)),
+        }
 
     @staticmethod
     def load_tokenizer(path: str) -> Any:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(path)
-
-    def expected(self) -> dict[str, Any]:
-        """The fingerprint fields a training run can check (all but the teacher)."""
-        return {k: v for k, v in self.fingerprint.to_dict().items() if k != "teacher"}
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -213,6 +249,15 @@ class HFScoringSource:
         return input_ids.masked_fill(visual, self.pad_token_id), labels
 
 
+def import_from_cwd(module_name: str) -> Any:
+    """Import ``--dataset``'s module as ``python -m`` would, the current directory first: the ``regate``
+    console script's ``sys.path`` starts at its own bin/ folder, where no user module lives."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    return importlib.import_module(module_name)
+
+
 def scoring_source(args: list[str], teacher: str) -> HFScoringSource:
     """Parse the target arguments after ``--`` and build the source."""
     parser = argparse.ArgumentParser(prog="regate score --target hf ... --", description=scoring_source.__doc__)
@@ -224,5 +269,5 @@ def scoring_source(args: list[str], teacher: str) -> HFScoringSource:
     module_name, _, attr = options.dataset.partition(":")
     if not attr:
         parser.error(f"--dataset {options.dataset!r} must be MODULE:CALLABLE")
-    dataset = getattr(importlib.import_module(module_name), attr)()
+    dataset = getattr(import_from_cwd(module_name), attr)()
     return HFScoringSource(dataset, options.student, options.dataset_id or options.dataset, options.max_length, teacher)

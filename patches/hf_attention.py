@@ -1,31 +1,57 @@
-"""The registry attention adapter (transformers >= 4.53): our varlen attention as ``"regate"``.
+"""The registry attention adapter (transformers >= 4.53): varlen attention inside the packed forward only.
 
-Registered in transformers' ``AttentionInterface`` and ``AttentionMaskInterface`` and set on the text
-model only. A call that carries ``cu_seq_lens_q`` is a packed ReGATE forward and runs
-``varlen_attention``; any other call (evaluation, generation) goes to the implementation the text
-model had before, so those paths are untouched. The decision rides on the call's own kwargs, so it
-holds when reentrant gradient checkpointing replays a layer in backward, outside our forward.
+Outside the packed training forward nothing changes: the config keeps the attention implementation
+the user chose and every other call (evaluation, generation, forwards without labels) runs it
+unchanged, eager included. The packed forward passes a ``PackedAttention`` under the keyword
+``regate_packed``; it rides the layers' kwargs down to each attention module, so it is still there
+when reentrant gradient checkpointing replays a layer in backward, outside our forward. A call that
+carries it switches its module's config to ``"regate"`` for the duration of that call only, and the
+registry routes it to ``regate_attention``. The same switch around the text model's own forward
+makes mask creation return no mask (segments come from ``cu_seqlens``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import functools
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 
-from regate_plugin.attention import varlen_attention
+from regate_plugin.attention import UnsupportedAttention, varlen_attention
 
 NAME = "regate"
-_packed_forward = contextvars.ContextVar("regate_packed_forward", default=False)
-_fallback: dict[int, str] = {}  # id(text config) -> the attention implementation it had before
-_backend = {"name": "auto"}
+PACKED_KEY = "regate_packed"
+# Keywords transformers' attention modules pass that carry no attention semantics of their own.
+_NO_SEMANTICS = frozenset({"position_ids", "cache_position", "use_cache", "output_attentions", "layer_idx"})
 
 
-def _fallback_name(config: Any) -> str:
-    name = _fallback.get(id(config), "sdpa")
-    return "sdpa" if name == "eager" else name  # eager is model-local, not in the registry; sdpa matches it
+@dataclass(frozen=True)
+class PackedAttention:
+    """How one packed row splits into segments, on the model's device (``max_*`` are host ints).
+
+    cu_seqlens: (S+1,) int32 segment bounds; cols: (T,) each token's column in its sample before
+    elision (a sliding window counts those); max_span: the longest segment's span in columns.
+    """
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    cols: torch.Tensor
+    max_span: int
+    backend: str
+
+
+@contextlib.contextmanager
+def implementation(config: Any, name: str) -> Iterator[None]:
+    """``config`` reports ``name`` as its attention implementation for the duration, then its own again."""
+    field = "_attn_implementation_internal" if "_attn_implementation_internal" in vars(config) else "_attn_implementation"
+    previous = getattr(config, field)
+    setattr(config, field, name)
+    try:
+        yield
+    finally:
+        setattr(config, field, previous)
 
 
 def regate_attention(
@@ -36,60 +62,72 @@ def regate_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """(1, H, T, D) packed q/k/v -> (1, T, H, D) over segments given by ``cu_seq_lens_q``."""
-    cu_seqlens = kwargs.get("cu_seq_lens_q")
-    if cu_seqlens is None:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        fallback = ALL_ATTENTION_FUNCTIONS[_fallback_name(module.config)]
-        return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    """(1, H, T, D) packed q/k/v -> (1, T, H, D), causal within each segment of the packed row."""
+    packed: PackedAttention | None = kwargs.pop(PACKED_KEY, None)
+    name = type(module).__name__
+    if packed is None:
+        raise RuntimeError(f"{name} was routed to packed attention without a packing plan: report this as a bug")
+    unknown = sorted(k for k, v in kwargs.items() if k not in _NO_SEMANTICS and v is not None)
+    if unknown:
+        raise UnsupportedAttention(
+            f"{name} passes {unknown} to its attention; packed ReGATE attention cannot honour "
+            f"{'it' if len(unknown) == 1 else 'them'}: train this model with hf.disable (dense, upstream attention)"
+        )
+    if not getattr(module, "is_causal", True):
+        raise UnsupportedAttention(f"{name} is not causal; packed ReGATE attention is causal only")
+    if attention_mask is not None:
+        raise UnsupportedAttention(f"{name} received an attention mask in a packed forward; segments come from cu_seqlens")
     if query.shape[0] != 1:
         raise ValueError(f"packed attention expects one packed row, got a batch of {query.shape[0]}")
     out = varlen_attention(
         query[0].transpose(0, 1),
         key[0].transpose(0, 1),
         value[0].transpose(0, 1),
-        cu_seqlens,
-        kwargs["max_length_q"],
+        packed.cu_seqlens,
+        packed.max_seqlen,
         scale=scaling,
-        backend=_backend["name"],
+        backend=packed.backend,
+        dropout_p=dropout,
+        window=sliding_window,
+        cols=packed.cols,
+        max_span=packed.max_span,
+        softcap=softcap,
     )
     return out.unsqueeze(0), None
 
 
-def regate_mask(*args: Any, config: Any = None, **kwargs: Any) -> Any:
-    """No mask for a packed forward (segments come from cu_seqlens); the old one's mask otherwise."""
-    if _packed_forward.get():
-        return None
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    return ALL_MASK_ATTENTION_FUNCTIONS[_fallback_name(config)](*args, config=config, **kwargs)
+def regate_mask(*args: Any, **kwargs: Any) -> None:
+    """No mask: only the packed forward's text model reports ``"regate"``, and it has cu_seqlens."""
+    return None
 
 
-@contextlib.contextmanager
-def packed_forward() -> Iterator[None]:
-    """Marks the dynamic extent of a packed language-model call (mask creation reads it)."""
-    token = _packed_forward.set(True)
-    try:
-        yield
-    finally:
-        _packed_forward.reset(token)
+def _patch_attention_class(cls: type) -> None:
+    """Wrap ``cls.forward`` once: a call carrying ``regate_packed`` runs with the config switched."""
+    if getattr(cls.forward, "_regate_original", None) is not None:
+        return
+    original = cls.forward
+
+    @functools.wraps(original)
+    def forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get(PACKED_KEY) is None:
+            return original(self, *args, **kwargs)
+        with implementation(self.config, NAME):
+            return original(self, *args, **kwargs)
+
+    forward._regate_original = original
+    cls.forward = forward
 
 
-def install(text_model: torch.nn.Module, backend: str) -> None:
-    """Register ``"regate"`` and make it the attention of ``text_model`` (idempotent)."""
+def install(text_model: torch.nn.Module) -> None:
+    """Register ``"regate"`` and give the attention classes of ``text_model`` the packed switch (idempotent)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, regate_attention)
     AttentionMaskInterface.register(NAME, regate_mask)
-    _backend["name"] = backend
-    config = text_model.config
-    if config._attn_implementation != NAME:
-        _fallback[id(config)] = config._attn_implementation or "sdpa"
-        config._attn_implementation = NAME
-    for sub in text_model.modules():  # some versions cache the name on modules
-        if getattr(sub, "_attn_implementation", NAME) != NAME:
-            sub._attn_implementation = NAME
+    for layer in text_model.layers:
+        _patch_attention_class(type(layer.self_attn))

@@ -7,20 +7,51 @@ survives reentrant gradient checkpointing, which replays layers in backward outs
 Each attention module's class becomes a subclass of the model's own flash-attention class whose
 ``_flash_attention_forward`` runs our varlen attention on a packed call; every other call (eval,
 generation) goes to the class the module had, unchanged.
+
+A packed call honours what the model's flash path would do with each sample alone, or refuses:
+attention dropout goes to the kernel; a sliding window (``flash_window``) is counted in the tokens'
+original columns, so elided tokens do not widen it; any other keyword is refused by name.
 """
 
 from __future__ import annotations
 
 import inspect
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from regate_plugin.attention import varlen_attention
+from regate_plugin.attention import UnsupportedAttention, segment_max_span, varlen_attention
 
-_max_seqlen: dict[int, int] = {}  # cu_seqlens storage address -> longest segment of the packed row
+
+@dataclass(frozen=True)
+class _Row:
+    """What every layer's attention needs to know about the packed row beyond cu_seqlens."""
+
+    max_seqlen: int
+    cols: torch.Tensor | None  # (T,) each token's column in its sample
+    max_span: int | None
+
+
+_rows: dict[int, _Row] = {}  # cu_seqlens storage address -> the packed row it bounds
 _backend = {"name": "auto"}
+_WINDOW_FLAG = "use_sliding_windows"  # upstream's per-call switch; the window itself comes from the config
+
+
+def flash_window(config: Any, layer_idx: int | None) -> int | None:
+    """Keys a query sees, itself included, on the model's own flash-attention path of transformers
+    4.36-4.42, None for no window: those pass ``window_size=(W, W)`` with ``causal=True``, W+1 keys
+    (Mistral: ``sliding_window``; Qwen2: only with ``use_sliding_window``, in layers below
+    ``max_window_layers``). Their eager/SDPA masks differ by a key across versions; flash is what
+    upstream's training scripts run."""
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return None
+    max_layers = getattr(config, "max_window_layers", None)
+    if max_layers is not None and layer_idx is not None and layer_idx >= max_layers:
+        return None
+    return int(window) + 1
 
 
 def is_packed(attention_mask: Any) -> bool:
@@ -45,13 +76,19 @@ class _PackedAttention:
                 self, query_states, key_states, value_states, attention_mask, query_length,
                 dropout=dropout, softmax_scale=softmax_scale, **kwargs,
             )
-        if dropout:
-            raise ValueError("packed ReGATE attention does not apply attention dropout: set attention_dropout=0")
-        max_seqlen = _max_seqlen.get(attention_mask.data_ptr())
-        if max_seqlen is None:
-            max_seqlen = int(attention_mask.diff().max())
-        out = varlen_attention(query_states[0], key_states[0], value_states[0], attention_mask, max_seqlen,
-                               scale=softmax_scale, backend=_backend["name"])
+        # The window flag is decided per call from the padded row's length; the sample's own window is
+        # flash_window's, applied below from the config.
+        unknown = sorted(name for name, value in kwargs.items() if name != _WINDOW_FLAG and value is not None)
+        if unknown:
+            raise UnsupportedAttention(
+                f"{type(self).__name__} passes {unknown} to its flash attention; packed ReGATE attention cannot "
+                "honour it: run with --no-regate"
+            )
+        row = _rows.get(attention_mask.data_ptr()) or _Row(int(attention_mask.diff().max()), None, None)
+        out = varlen_attention(query_states[0], key_states[0], value_states[0], attention_mask, row.max_seqlen,
+                               scale=softmax_scale, backend=_backend["name"], dropout_p=dropout,
+                               window=flash_window(self.config, getattr(self, "layer_idx", None)), cols=row.cols,
+                               max_span=row.max_span)
         return out.unsqueeze(0)
 
 
@@ -94,10 +131,18 @@ def install(text_model: torch.nn.Module, backend: str = "auto") -> None:
 
 
 def packed_decoder(text_model: torch.nn.Module, embeds: torch.Tensor, position_ids: torch.Tensor,
-                   cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-    """The decoder layers and final norm of ``text_model`` over one packed row (1, T, D)."""
-    _max_seqlen.clear()
-    _max_seqlen[cu_seqlens.data_ptr()] = max_seqlen
+                   cu_seqlens: torch.Tensor, max_seqlen: int, max_span: int | None = None) -> torch.Tensor:
+    """The decoder layers and final norm of ``text_model`` over one packed row (1, T, D).
+
+    position_ids (1, T) are each token's column in its sample (these stacks number the tokens of a
+    sample 0..n-1), which a sliding window counts; ``max_span``, the longest segment's span in them,
+    is a host int: pass it from the host plan, or it is read from the device here.
+    """
+    cols = position_ids[0]
+    if max_span is None:
+        max_span = segment_max_span(cols, cu_seqlens)
+    _rows.clear()
+    _rows[cu_seqlens.data_ptr()] = _Row(max_seqlen, cols, max_span)
     checkpointing = getattr(text_model, "gradient_checkpointing", False) and text_model.training
     hidden = embeds
     for layer in text_model.layers:

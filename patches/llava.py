@@ -32,8 +32,8 @@ import torch
 from regate_plugin.config import ReGATEConfig
 from regate_plugin.engine import SAMPLE_INDEX_KEY, ReGATEEngine
 from regate_plugin.hookspecs import Target, hookimpl
-from regate_plugin.refcache import Fingerprint, RefCache
-from regate_plugin.scoring import dataset_probe, teacher_fingerprint, tokenizer_fingerprint
+from regate_plugin.refcache import RefCache
+from regate_plugin.scoring import FingerprintedSource, dataset_probe, tokenizer_fingerprint
 from regate_plugin.versions import require
 
 from . import upstream
@@ -172,20 +172,22 @@ def _fingerprint_fields(records, data_path, tokenizer, num_visual, aspect_ratio,
     }
 
 
-class LlavaScoringSource:
-    """Samples of a LLaVA training run, text-only, from the same arguments as the run itself."""
+class LlavaScoringSource(FingerprintedSource):
+    """Samples of a LLaVA training run, text-only, from the same arguments as the run itself
+    (LLaVA's model and data arguments and --model_max_length; other training arguments, --output_dir
+    included, are neither needed nor read)."""
 
     def __init__(self, args: list[str], teacher: str) -> None:
         import transformers
         from llava import conversation
         from llava.train.train import DataArguments, ModelArguments, TrainingArguments
 
-        parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=args)
+        model_args, data_args, max_length = upstream.parse_sample_arguments(ModelArguments, DataArguments,
+                                                                            TrainingArguments, args)
         if model_args.version in ("v0", "v0.5") or model_args.mm_use_im_start_end:
             raise ValueError("regate supports LLaVA's v1-style templates without image start/end tokens (LLaVA-1.5 recipes)")
         tokenizer = transformers.AutoTokenizer.from_pretrained(
-            model_args.model_name_or_path, model_max_length=training_args.model_max_length, padding_side="right", use_fast=False
+            model_args.model_name_or_path, model_max_length=max_length, padding_side="right", use_fast=False
         )
         # As train() does for v1-style versions.
         tokenizer.pad_token = tokenizer.unk_token
@@ -201,9 +203,9 @@ class LlavaScoringSource:
         self.pad_token_id = tokenizer.pad_token_id
         self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
         self.decode = tokenizer.decode
-        fields = _fingerprint_fields(self.records, data_args.data_path, tokenizer, num_visual,
-                                     data_args.image_aspect_ratio, self.text_only)
-        self.fingerprint = Fingerprint(teacher=teacher_fingerprint(teacher) if teacher else "", **fields)
+        self.fields = _fingerprint_fields(self.records, data_args.data_path, tokenizer, num_visual,
+                                          data_args.image_aspect_ratio, self.text_only)
+        self.teacher = teacher
 
     @staticmethod
     def load_tokenizer(path: str) -> Any:

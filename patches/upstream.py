@@ -4,6 +4,7 @@ launch, and the packed training forward after upstream's own multimodal merge.""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import sys
@@ -11,7 +12,8 @@ from typing import Any, Callable
 
 import torch
 
-from regate_plugin.engine import SAMPLE_INDEX_KEY, ReGATEEngine, StepPlan
+from regate_plugin.attention import segment_max_span
+from regate_plugin.engine import SAMPLE_INDEX_KEY, ReGATEEngine
 from regate_plugin.packing import pack
 
 from . import legacy_attention
@@ -61,20 +63,58 @@ def launch_train(train: Callable[[str], None], args: list[str], attn_implementat
     """Call upstream's ``train(attn_implementation)`` on its command-line ``args``, in this process."""
     if attn_implementation is None:  # upstream's scripts pass flash_attention_2, which needs flash-attn
         attn_implementation = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+    allow_rng_state_load()
     sys.argv = [sys.argv[0], *args]
     train(attn_implementation)
 
 
+def rng_state_globals() -> list[Any]:
+    """What a pickled ``numpy.random.get_state()`` refers to, and nothing else: numpy's array
+    rebuilder, the array and dtype classes, and the class of its uint32 dtype."""
+    import numpy as np
+
+    key = np.random.get_state()[1]
+    return [key.__reduce__()[0], np.ndarray, np.dtype, type(key.dtype)]
+
+
+def allow_rng_state_load() -> None:
+    """Make resuming work on the pinned stacks (transformers 4.36-4.42) with torch >= 2.6: their
+    ``Trainer._load_rng_state`` reads its own ``rng_state*.pth`` with ``torch.load``'s default
+    ``weights_only=True``, which refuses the numpy RNG state in it. Only numpy's RNG-state types
+    are allowed, only during that load (no ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``); a no-op on torch
+    without ``safe_globals``."""
+    from transformers import Trainer
+
+    if hasattr(torch.serialization, "safe_globals"):
+        wrap(Trainer, "_load_rng_state", _load_rng_state)
+
+
+def _load_rng_state(self, original, checkpoint):
+    with torch.serialization.safe_globals(rng_state_globals()):
+        return original(self, checkpoint)
+
+
+def parse_sample_arguments(model_cls: type, data_cls: type, training_cls: type, args: list[str]) -> tuple[Any, Any, int]:
+    """Upstream's model and data arguments from its command line, and the one training argument
+    the samples depend on, ``--model_max_length`` (upstream's default when absent). The other
+    training arguments are skipped, not parsed: none is required (``--output_dir``) and none acts
+    (``--deepspeed`` starting a process group, ``--bf16`` refused on a CPU)."""
+    import transformers
+
+    default = next(f.default for f in dataclasses.fields(training_cls) if f.name == "model_max_length")
+    lengths = dataclasses.make_dataclass("Lengths", [("model_max_length", int, dataclasses.field(default=default))])
+    parser = transformers.HfArgumentParser((model_cls, data_cls, lengths), allow_abbrev=False)
+    model_args, data_args, parsed, _ = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
+    return model_args, data_args, int(parsed.model_max_length)
+
+
 def packed_loss(model: torch.nn.Module, engine: ReGATEEngine, embeds: torch.Tensor, labels: torch.Tensor,
-                attention_mask: torch.Tensor | None, sample_index: Any, position_ids: torch.Tensor | None = None,
-                check: Callable[[StepPlan], None] | None = None) -> Any:
+                attention_mask: torch.Tensor | None, sample_index: Any, position_ids: torch.Tensor | None = None) -> Any:
     """The training forward after upstream's merge: plan, pack, decoder layers through the shim, loss."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     plan = engine.plan(labels, attention_mask, sample_index, position_ids)
-    if check is not None:
-        check(plan)
-    packed = plan.packed
+    packed, host = plan.packed, plan.host
     hidden = legacy_attention.packed_decoder(model.model, pack(embeds, packed), packed.position_ids, packed.cu_seqlens,
-                                             packed.max_seqlen)
+                                             packed.max_seqlen, segment_max_span(host.position_ids[0], host.cu_seqlens))
     return CausalLMOutputWithPast(loss=engine.loss(plan, hidden, model.lm_head))

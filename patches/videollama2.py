@@ -15,8 +15,8 @@ the script runs as ``__main__`` and patching ``videollama2.train`` from outside 
   ``videollama2_qwen2``, ``videollama2``/``videollama2_mistral``): their attention gets the legacy
   shim at construction (``legacy_attention``), and ``forward``, on training forwards with labels,
   runs upstream's ``prepare_inputs_labels_for_multimodal`` (its 5-tuple: no position ids, upstream
-  uses 0..L-1 in every row), then units -> selection -> packing -> the decoder layers -> the loss
-  on kept rows -> EMA. The collator's right padding stays inside each merged row, masked by the
+  uses 0..L-1 in every row), then units -> selection -> packing -> the decoder layers (the model's
+  sliding window, if any, applied per sample by the shim) -> the loss on kept rows -> EMA. The collator's right padding stays inside each merged row, masked by the
   attention mask that the merge returns; packing keeps only unmasked positions. ``generate()``,
   evaluation and label-free forwards run upstream code.
 
@@ -48,9 +48,8 @@ import torch
 from regate_plugin.config import ReGATEConfig
 from regate_plugin.engine import SAMPLE_INDEX_KEY, ReGATEEngine
 from regate_plugin.hookspecs import Target, hookimpl
-from regate_plugin.packing import Packed
-from regate_plugin.refcache import Fingerprint, RefCache
-from regate_plugin.scoring import dataset_probe, teacher_fingerprint, tokenizer_fingerprint
+from regate_plugin.refcache import RefCache
+from regate_plugin.scoring import FingerprintedSource, dataset_probe, tokenizer_fingerprint
 from regate_plugin.versions import require
 
 from . import upstream
@@ -141,28 +140,6 @@ def _trainer_init(self, original, *args, **kwargs):
     attach(self, _run["engine"])
 
 
-def sliding_window(config: Any) -> int | None:
-    """The attention window the model's own flash-attention path would apply, if any
-    (Mistral: ``sliding_window``; Qwen2: only with ``use_sliding_window``)."""
-    window = getattr(config, "sliding_window", None)
-    if window is None or getattr(config, "use_sliding_window", True) is False:
-        return None
-    return int(window)
-
-
-def check_window(config: Any, packed: Packed) -> None:
-    """Packed attention has no sliding window: refuse a sample long enough for one to matter."""
-    window = sliding_window(config)
-    if window is None or packed.position_ids.numel() == 0:
-        return
-    longest = int(packed.position_ids.max()) + 1
-    if longest > window:
-        raise ValueError(
-            f"a sample of {longest} positions exceeds the model's sliding attention window ({window}); packed "
-            "attention attends to the whole sample: lower --model_max_length or --num_frames, or run --no-regate"
-        )
-
-
 def _forward(self, original, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
              inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
              images=None, return_dict=None, **kwargs):
@@ -183,8 +160,7 @@ def _forward(self, original, input_ids=None, attention_mask=None, position_ids=N
         embeds = self.get_model().embed_tokens(input_ids)
     if attention_mask is None:
         attention_mask = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
-    return upstream.packed_loss(self, engine, embeds, labels, attention_mask, sample_index,
-                                check=lambda plan: check_window(self.config, plan.host))
+    return upstream.packed_loss(self, engine, embeds, labels, attention_mask, sample_index)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,14 +295,13 @@ def _fingerprint_fields(records, data_args, tokenizer, layout: VisualLayout, tex
     }
 
 
-class VideoLLaMA2ScoringSource:
+class VideoLLaMA2ScoringSource(FingerprintedSource):
     """Samples of a VideoLLaMA2 training run, text-only, from the same arguments as the run itself
     (upstream's model and data arguments and --model_max_length; other training arguments are ignored)."""
 
     def __init__(self, args: list[str], teacher: str) -> None:
         if not upstream_importable():
             raise RuntimeError(requirement())
-        import dataclasses
         import json
 
         import transformers
@@ -334,11 +309,8 @@ class VideoLLaMA2ScoringSource:
         from videollama2.model import VLLMConfigs
         from videollama2.train import DataArguments, ModelArguments, TrainingArguments
 
-        # The one training argument the samples depend on, with upstream's default.
-        default_length = next(f.default for f in dataclasses.fields(TrainingArguments) if f.name == "model_max_length")
-        Lengths = dataclasses.make_dataclass("Lengths", [("model_max_length", int, dataclasses.field(default=default_length))])
-        parser = transformers.HfArgumentParser((ModelArguments, DataArguments, Lengths), allow_abbrev=False)
-        model_args, data_args, lengths, _ = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
+        model_args, data_args, max_length = upstream.parse_sample_arguments(ModelArguments, DataArguments,
+                                                                            TrainingArguments, args)
         if model_args.model_type not in MODEL_TYPES:
             raise ValueError(f"regate supports --model_type {', '.join(sorted(MODEL_TYPES))} (Qwen2 and Mistral "
                              f"language models), not {model_args.model_type!r}")
@@ -346,7 +318,7 @@ class VideoLLaMA2ScoringSource:
             raise ValueError("regate score needs upstream's --vision_tower and --data_path (VideoLLaMA2's multimodal training)")
         # As train() does.
         tokenizer = transformers.AutoTokenizer.from_pretrained(
-            model_args.model_path, model_max_length=lengths.model_max_length, padding_side="right", use_fast=True
+            model_args.model_path, model_max_length=max_length, padding_side="right", use_fast=True
         )
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.unk_token
@@ -365,8 +337,8 @@ class VideoLLaMA2ScoringSource:
         self.pad_token_id = tokenizer.pad_token_id
         self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
         self.decode = tokenizer.decode
-        fields = _fingerprint_fields(self.records, data_args, tokenizer, self.layout, self.text_only)
-        self.fingerprint = Fingerprint(teacher=teacher_fingerprint(teacher) if teacher else "", **fields)
+        self.fields = _fingerprint_fields(self.records, data_args, tokenizer, self.layout, self.text_only)
+        self.teacher = teacher
 
     @staticmethod
     def load_tokenizer(path: str) -> Any:

@@ -14,9 +14,12 @@ from typing import Any, Callable
 import click
 
 from . import __version__
+from .attention import BackendUnavailable, UnsupportedAttention
 from .collectives import close_process_group
 from .config import ATTN_BACKENDS, SELECTIONS, ConfigError, ReGATEConfig
-from .plugins import targets
+from .engine import BatchError
+from .plugins import PluginError, targets
+from .refcache import RefCache, RefCacheError
 from .schedule import sparse_step_count, token_share
 
 _HELP = {
@@ -56,7 +59,23 @@ def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# ReGATE's own refusals: each message says what is wrong and what to do, so the CLI shows just that.
+REFUSALS = (RefCacheError, BatchError, PluginError, UnsupportedAttention, BackendUnavailable)
+
+
+class _Group(click.Group):
+    """Ends ReGATE's own refusals as one ``Error:`` line and exit status 1. Their message names the
+    cause and the fix; raised from deep inside upstream's Trainer (a batch that does not fit the
+    cache), a traceback through upstream's code would bury it."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except REFUSALS as err:
+            raise click.ClickException(str(err)) from err
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="regate")
 @click.option("--local_rank", "--local-rank", "local_rank", type=int, hidden=True,
               help="Set by the deepspeed launcher before the command; kept in $LOCAL_RANK.")
@@ -129,7 +148,8 @@ def report_command(run_dir: Path, png: Path | None, as_json: bool) -> None:
 
 @main.command("score", context_settings={"ignore_unknown_options": True})
 @click.option("--target", required=True, help="The codebase whose preprocessing builds the samples (see `regate targets`).")
-@click.option("--teacher", required=True, help="The student's language model before multimodal training (a folder).")
+@click.option("--teacher", required=True, help="The student's language model before multimodal training: a folder, "
+              "or a hub id (org/name) already in the local Hugging Face cache.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Cache folder to create.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--shard-size", type=click.IntRange(min=1), default=1024, show_default=True, help="Samples per resumable shard.")
@@ -146,27 +166,40 @@ def score_command(target: str, teacher: str, out: Path, batch_size: int, shard_s
       regate score --target hf --teacher base-lm/ --out refcache/ -- \\
           --dataset my_data:build_train_dataset --student my-llava/
     Under torchrun every rank scores its own shards and rank 0 merges them. Interrupted? Run the
-    same command again: finished shards are kept.
+    same command again: finished shards are kept. Every check (teacher, --out, the dataset against
+    a finished or partial cache, tokenizers) comes before the teacher loads.
     """
     import torch
 
-    from .refcache import RefCache
-    from .scoring import check_tokenizers, init_distributed, load_teacher, score_dataset
+    from .refcache import RefCacheWriter
+    from .scoring import (
+        TokenizerMismatch, check_complete, check_tokenizers, existing_cache, init_distributed, load_teacher, score_dataset,
+    )
+    from .teacher import TeacherError, resolve_teacher
 
     spec = _target(target)
     if spec.scoring_source is None:
         raise click.ClickException(f"the {target} target has no teacher pass")
-    source = spec.scoring_source(list(target_args), teacher)
-    if (out / "meta.json").exists():
-        cache = RefCache.open(out, expect=source.fingerprint)
-        click.echo(f"{out} is already complete for this setup: {cache.num_samples} samples, {cache.num_units} units")
-        return
-    check_tokenizers(source.tokenizer_fingerprint, source.load_tokenizer(teacher), teacher)
+    try:
+        teacher_dir = str(resolve_teacher(teacher))
+        finished = existing_cache(out)
+        source = spec.scoring_source(list(target_args), teacher)
+        if finished is not None:
+            check_complete(finished, source)
+            click.echo(f"{out} is already complete for this setup: {finished.num_samples} samples, {finished.num_units} units")
+            return
+        check_tokenizers(source.tokenizer_fingerprint, source.load_tokenizer(teacher_dir), teacher)
+    except (TeacherError, TokenizerMismatch) as err:
+        raise click.ClickException(str(err)) from err
     rank, world, device = init_distributed()
+    writer = RefCacheWriter(out, source.fingerprint, len(source), shard_size)  # refuses a partial run of another setup
+    done, total = len(writer.shards()) - len(writer.pending()), len(writer.shards())
+    if done and rank == 0:
+        click.echo(f"resuming: {done} of {total} shards done")
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
         dtype, torch.bfloat16 if device.type == "cuda" else torch.float32
     )
-    cache = score_dataset(source, load_teacher(teacher, device, torch_dtype), out, batch_size, shard_size, progress)
+    cache = score_dataset(source, load_teacher(teacher_dir, device, torch_dtype), out, batch_size, shard_size, progress)
     if cache is not None:
         click.echo(f"wrote {out}: {cache.num_samples} samples, {cache.num_units} supervised units")
     close_process_group()
@@ -203,7 +236,7 @@ def inspect_command(cache_dir: Path, target: str | None, top: int, as_json: bool
     if target:
         source = _target(target).scoring_source(list(target_args), "")
         expected = {k: v for k, v in source.fingerprint.to_dict().items() if k != "teacher"}
-        differences = cache.fingerprint.differences(expected)
+        differences = cache.differences(expected, source.samples)
         if differences:
             raise click.ClickException("the cache was built for another setup:\n  " + "\n  ".join(differences))
         high, low = cacheinfo.extreme_units(cache, top)
@@ -269,10 +302,22 @@ def train_command(target: str, enabled: bool, ref_cache: Path | None, packing_on
         }
         click.echo(json.dumps(resolved, indent=2))
         return
+    if enabled and not packing_only:
+        check_ref_cache(spec, ref_cache, list(target_args))
     if enabled:
         spec.apply(config, None if packing_only else str(ref_cache))
     spec.launch(list(target_args), attn_implementation)
     close_process_group()
+
+
+def check_ref_cache(spec: Any, ref_cache: Path, target_args: list[str]) -> None:
+    """Open the cache (present, whole, checksums) and compare it with the fingerprint fields this
+    run's upstream arguments give cheaply (``source.expected()``: data files and a probe, tokenizer,
+    visual tokens, max length), before upstream loads any weight: a wrong cache costs seconds, not
+    minutes of model loading. The Trainer checks it again against the dataset and model it built."""
+    RefCache.open(ref_cache, verify=False)  # a missing or truncated cache: refused before reading any data
+    expected = None if spec.scoring_source is None else spec.scoring_source(target_args, "").expected()
+    RefCache.open(ref_cache, expect=expected)
 
 
 def _register_commands() -> None:

@@ -485,6 +485,13 @@ def train_run(name: str, config: ReGATEConfig, setup: Setup) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+def train_dataset(seed: int = 0, tokenizer: Any = None) -> task.VQADataset:
+    """The training samples of ``regate demo --seed SEED``; with the default seed, what
+    ``regate inspect WORK/refcache --target hf -- --dataset regate_plugin.demo:train_dataset ...`` decodes."""
+    return task.VQADataset(task.generate(TRAIN_SAMPLES, np.random.default_rng([seed, 0])),
+                           task.build_tokenizer() if tokenizer is None else tokenizer)
+
+
 def prepare(steps: int, seed: int, work: Path, progress: bool) -> Setup:
     """Task, language-model pre-training, student, teacher pass: everything before the two runs."""
     from .patches import hf
@@ -493,7 +500,7 @@ def prepare(steps: int, seed: int, work: Path, progress: bool) -> Setup:
     tokenizer = task.build_tokenizer()
     vocab = tokenizer.get_vocab()
     text_config, llava_config = _configs(vocab)
-    train = task.VQADataset(task.generate(TRAIN_SAMPLES, np.random.default_rng([seed, 0])), tokenizer)
+    train = train_dataset(seed, tokenizer)
     held_out = task.VQADataset(task.generate_balanced(EVAL_PER_TYPE, np.random.default_rng([seed, 1])), tokenizer,
                                with_targets=True)
     corpus = task.VQADataset(task.generate(PRETRAIN_SAMPLES, np.random.default_rng([seed, 2])), tokenizer)
@@ -621,6 +628,18 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def check_writable(out: Path) -> None:
+    """Create ``out`` and write a file into it now, so a bad --out fails before minutes of training,
+    not after them with the results lost."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise click.BadParameter(f"cannot write into {out} ({err.strerror or err}): give a folder you can write to",
+                                 param_hint="--out") from err
+
+
 @click.command("demo")
 @click.option("--steps", type=click.IntRange(min=10), default=DEFAULT_STEPS, show_default=True,
               help="Optimizer steps of each run (dense and ReGATE); the schedule scales with it.")
@@ -653,11 +672,12 @@ def command(steps: int, seed: int, out: Path | None, work: Path | None, progress
         if work.exists() and any(work.iterdir()):
             raise click.BadParameter(f"{work} is not empty; give a new or empty folder", param_hint="--work")
         work.mkdir(parents=True, exist_ok=True)
+    if out is not None:
+        check_writable(out)
     result = run_demo(steps, seed, progress, echo=click.echo, work=work)
     click.echo("")
     click.echo(format_table(result))
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         from .atomic import write_atomic
 
         write_atomic(out / "demo.json", (json.dumps(result, indent=2) + "\n").encode())

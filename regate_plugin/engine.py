@@ -13,9 +13,12 @@ tensors, and only the packing plan goes to the model's device. No per-layer or p
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Any
+from types import ModuleType
+from typing import Any, NamedTuple
 
+import numpy as np
 import pluggy
 import torch
 import torch.distributed as dist
@@ -23,16 +26,32 @@ import torch.distributed as dist
 from .collectives import collective_device, is_multi_rank
 from .config import ReGATEConfig
 from .ema import EMATable
+from . import hookspecs
 from .hookspecs import StepStats
 from .loss import chunk_count, kept_token_loss
 from .packing import Packed, pack_plan
-from .plugins import plugin_manager
-from .refcache import RefCache
+from .plugins import (
+    active_plugins,
+    check_plugins,
+    checked_keep_ratio,
+    checked_scores,
+    checked_selection,
+    first_result,
+    log_active_plugins,
+    plugin_manager,
+)
+from .refcache import RefCache, sample_change, target_digests
 from .selection import keep_mask_for
 from .units import Units, find_units
 
 
 SAMPLE_INDEX_KEY = "sample_index"  # the batch key that carries each sample's dataset index
+
+
+class _ModuleRef(NamedTuple):
+    """A module plugin in a pickled engine, by import name."""
+
+    module: str
 
 
 class BatchError(ValueError):
@@ -61,6 +80,12 @@ class ReGATEEngine:
 
     Without a reference cache it runs packing only: every unit kept, padding removed, no EMA
     (the A/B measurement of what packing alone is worth).
+
+    ``pm`` is the plugin manager whose strategies and observers this engine calls: by default the
+    process-wide one (built-in defaults and the installed ``regate`` entry-point plugins). To give
+    one engine a strategy of its own, pass ``pm=build_plugin_manager(extra=[my_strategy])``; other
+    engines are unaffected. The active plugins are logged at INFO here and recorded in
+    ``state_dict()``; every strategy answer is checked and a wrong one names its plugin.
     """
 
     def __init__(
@@ -69,6 +94,8 @@ class ReGATEEngine:
         self.config = config
         self.refcache = refcache
         self.pm = pm or plugin_manager()
+        check_plugins(self.pm)  # plugins registered after build_plugin_manager too
+        log_active_plugins(self.pm)
         self.online = hasattr(refcache, "ensure")  # an OnlineRefCache scores samples as they come
         self.ema = None if refcache is None else EMATable(
             refcache.all_losses(), refcache.offsets_tensor(), config.ema_beta, exchange_inits=self.online, copy=False
@@ -83,7 +110,8 @@ class ReGATEEngine:
     def keep_ratio(self) -> float:
         if self.packing_only:
             return 1.0
-        return float(self.pm.hook.regate_keep_ratio(step=self.step, config=self.config))
+        answer = first_result(self.pm, "regate_keep_ratio", step=self.step, config=self.config)
+        return checked_keep_ratio(*answer, step=self.step)
 
     def plan(
         self,
@@ -98,15 +126,18 @@ class ReGATEEngine:
         units = find_units(labels, attention_mask)
         ratio = self.keep_ratio()
         if not self.packing_only:
-            sample_ids = self._check_samples(sample_ids, units, labels.shape[0])
+            sample_ids = self._check_samples(sample_ids, units, labels)
             if self.online:
                 self.ema.initialize(*self.refcache.ensure(sample_ids))
         if ratio >= 1.0:
             unit_keep = torch.ones(len(units), dtype=torch.bool)
         else:
             flat = self.ema.flat_index(sample_ids[units.row], units.k)
-            scores = self.pm.hook.regate_score(ema=self.ema.lookup(flat), ref=self.refcache.lookup(flat), config=self.config)
-            unit_keep = self.pm.hook.regate_select(scores=scores, units=units, keep_ratio=ratio, config=self.config)
+            ema, ref = self.ema.lookup(flat), self.refcache.lookup(flat)
+            answer = first_result(self.pm, "regate_score", ema=ema, ref=ref, config=self.config)
+            scores = checked_scores(*answer, n=len(units))
+            answer = first_result(self.pm, "regate_select", scores=scores, units=units, keep_ratio=ratio, config=self.config)
+            unit_keep = checked_selection(*answer, units=units, per_sample=self.config.selection == "per_sample")
         keep_mask = keep_mask_for(attention_mask, units, unit_keep)
         host = pack_plan(keep_mask, labels, units, position_ids)
         self._totals[0] += len(units)
@@ -162,7 +193,7 @@ class ReGATEEngine:
 
     def state_dict(self) -> dict[str, Any]:
         ema = None if self.packing_only else self.ema.state_dict()
-        return {"step": self.step, "ema": ema, "config": self.config.to_dict()}
+        return {"step": self.step, "ema": ema, "config": self.config.to_dict(), "plugins": active_plugins(self.pm)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if (state["ema"] is None) != self.packing_only:
@@ -171,7 +202,33 @@ class ReGATEEngine:
             self.ema.load_state_dict(state["ema"])
         self.step = int(state["step"])
 
-    def _check_samples(self, sample_ids: torch.Tensor | None, units: Units, batch: int) -> torch.Tensor:
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles of an enabled model carry the engine; its plugin manager holds modules,
+        so it travels as the names of its plugins (modules by import name) and is rebuilt on load."""
+        state = self.__dict__.copy()
+        state["pm"] = None if self.pm is plugin_manager() else [
+            (None if name == str(id(plugin)) else name,  # pluggy's default name is the object's id: not portable
+             _ModuleRef(plugin.__name__) if isinstance(plugin, ModuleType) else plugin)
+            for name, plugin in self.pm.list_name_plugin()
+        ]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        plugins = state["pm"]
+        if plugins is None:
+            state["pm"] = plugin_manager()
+        else:
+            state["pm"] = pm = pluggy.PluginManager(hookspecs.PROJECT)
+            pm.add_hookspecs(hookspecs)
+            for name, plugin in plugins:  # registration order is hook call order
+                pm.register(importlib.import_module(plugin.module) if isinstance(plugin, _ModuleRef) else plugin, name=name)
+        self.__dict__.update(state)
+
+    def _check_samples(self, sample_ids: torch.Tensor | None, units: Units, labels: torch.Tensor) -> torch.Tensor:
+        """The batch's sample indices, checked against the cache before the step: in range, and every
+        row's supervised targets those the cache scored (unit count, then target digest). Host-side,
+        on the CPU labels: no device sync."""
+        batch = labels.shape[0]
         if sample_ids is None:
             raise BatchError(
                 "ReGATE is on but the batch carries no sample indices: wrap the dataset and collator "
@@ -189,13 +246,16 @@ class ReGATEEngine:
             )
         found = units.counts
         expected = self.ema.counts(sample_ids)
-        differ = (found != expected).nonzero(as_tuple=True)[0]
-        if differ.numel():
+        differ = (found != expected).nonzero(as_tuple=True)[0].numpy()
+        if not differ.size and self.refcache.digests is not None:
+            cached = np.asarray(self.refcache.digests[sample_ids.numpy()])
+            differ = np.flatnonzero(target_digests(labels, units) != cached)
+        if differ.size:
             i = int(differ[0])
             raise BatchError(
-                f"sample {int(sample_ids[i])} has {int(found[i])} supervised tokens in this batch but the reference "
-                f"cache holds {int(expected[i])}: the dataset, tokenizer, chat template or max length changed since "
-                "`regate score`, or the sample index does not match the sample; rebuild the cache for this setup"
+                f"{sample_change(int(sample_ids[i]), int(found[i]), int(expected[i]))} in this micro-batch: the "
+                "dataset, tokenizer, chat template or max length changed since `regate score`, or the sample index "
+                "does not match the sample; rebuild the cache for this setup"
             )
         return sample_ids
 

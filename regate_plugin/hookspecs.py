@@ -4,8 +4,11 @@ Two kinds of plugins implement them:
   * target plugins (``patches/``) tell ReGATE how to patch one training codebase;
   * strategy plugins replace how units are scored, selected and scheduled, or observe each step.
 Strategy hooks are ``firstresult``: a plugin of yours, registered under the entry-point group
-``regate``, runs before the built-in defaults (``regate_plugin.defaults``) and wins when it
-returns a value; returning None defers to the next implementation.
+``regate`` (or given to one engine: ``ReGATEEngine(..., pm=build_plugin_manager(extra=[plugin]))``),
+runs before the built-in defaults (``regate_plugin.defaults``) and wins when it returns a value;
+returning None defers to the next implementation. The engine checks every answer and names the
+plugin that gave a wrong one; an implementation whose name is no hook below is an error at start,
+and wrappers (``hookwrapper``/``wrapper``) on strategy hooks are refused.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ class Target:
     launch: runs the codebase's own training entry point in this process on its command-line
     arguments and an attention implementation (None: the target's default);
     scoring_source: builds the teacher pass's ``ScoringSource`` from the arguments after ``--`` of
-    ``regate score`` and the teacher's path, with the target's own preprocessing.
+    ``regate score`` and the teacher's path, with the target's own preprocessing; ``regate train``
+    builds it too (teacher ``""``) from the upstream arguments, and checks ``--ref-cache`` against
+    its ``expected()`` fingerprint fields before upstream loads any weight.
     """
 
     name: str
@@ -68,19 +73,25 @@ def regate_targets() -> list[Target]:
 
 @hookspec(firstresult=True)
 def regate_keep_ratio(step: int, config: "ReGATEConfig") -> float | None:
-    """Return the share of supervised units to keep at optimizer step ``step`` (1.0 = dense)."""
+    """Return the share of supervised units to keep at optimizer step ``step``: a finite number in
+    (0, 1], 1.0 = dense (every unit kept, no scoring)."""
 
 
 @hookspec(firstresult=True)
 def regate_score(ema: "torch.Tensor", ref: "torch.Tensor", config: "ReGATEConfig") -> "torch.Tensor | None":
-    """Return one score per unit from its EMA student loss and reference loss (higher = keep)."""
+    """Return one score per unit from its EMA student loss and reference loss (higher = keep): a
+    float tensor of shape (n,) like ``ema``, without NaN."""
 
 
 @hookspec(firstresult=True)
 def regate_select(
     scores: "torch.Tensor", units: "Units", keep_ratio: float, config: "ReGATEConfig"
 ) -> "torch.Tensor | None":
-    """Return an (n,) bool tensor: which of the micro-batch's ``units`` to keep."""
+    """Return an (n,) bool tensor (0/1 integers pass): which of the micro-batch's ``units`` to keep.
+
+    With ``config.selection == "per_sample"`` it keeps at least one unit of every sample that has
+    units, as the method does; ``per_batch`` may leave a sample without any.
+    """
 
 
 @hookspec

@@ -4,7 +4,10 @@ Layout of a finished cache directory::
 
     losses.f16    flat float16 reference losses, sample after sample (memory-mapped when read)
     offsets.i64   int64 (num_samples + 1,): units of sample s are losses[offsets[s]:offsets[s+1]]
-    meta.json     format version, sizes, SHA-256 of both files, and the fingerprint of the setup
+    digests.u64   uint64 (num_samples,): a digest of each sample's supervised target ids, so training
+                  can check every micro-batch against what was scored (absent in a cache written
+                  without digests, whose fingerprint has an empty ``samples`` field)
+    meta.json     format version, sizes, SHA-256 of the files, and the fingerprint of the setup
 
 The writer fills ``<cache>.partial/`` one shard (a contiguous range of samples) at a time, each
 shard written under a temporary name and renamed when whole, so a killed run resumes where it
@@ -29,11 +32,13 @@ import numpy as np
 import torch
 
 from .atomic import fsync_dir, write_atomic
+from .units import Units
 
 FORMAT = "regate-refcache"
-VERSION = 1
+VERSION = 2  # v2: per-sample digests
 LOSSES_FILE = "losses.f16"
 OFFSETS_FILE = "offsets.i64"
+DIGESTS_FILE = "digests.u64"
 META_FILE = "meta.json"
 PROGRESS_FILE = "progress.json"
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -55,9 +60,12 @@ class CacheMismatchError(RefCacheError):
 class Fingerprint:
     """What a cache was computed from; training refuses a cache whose fingerprint differs.
 
-    dataset: hash of the dataset's sample list; tokenizer: hash of the vocabulary and template;
-    teacher: name or hash of the teacher weights; visual_tokens: the visual-token layout (e.g.
-    ``"576"`` or ``"16f:1352"``); max_length: truncation length after the multimodal merge.
+    dataset: the dataset's files, size and a probe of its samples (cheap to recompute when training
+    starts); tokenizer: hash of the vocabulary and template; teacher: hash of the teacher's weights
+    (or a hub id's snapshot commit); visual_tokens: the visual-token layout (e.g. ``"576"`` or
+    ``"16f:1352"``); max_length: truncation length after the multimodal merge; samples:
+    ``samples_fingerprint`` of every sample's target digest (a full pass over the dataset, so
+    training checks each micro-batch against the digests instead; empty: no digests recorded).
     """
 
     dataset: str
@@ -65,6 +73,7 @@ class Fingerprint:
     teacher: str
     visual_tokens: str
     max_length: int
+    samples: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -77,15 +86,16 @@ class Fingerprint:
             raise CorruptCacheError(f"fingerprint lacks {missing}")
         return cls(**{n: values[n] for n in names})
 
-    def differences(self, expected: "Fingerprint | Mapping[str, Any]") -> list[str]:
-        """One line per differing field: 'field: cache has A, this run has B'. A mapping checks
-        only the fields it names (a training run does not know the teacher, say)."""
-        mine = self.to_dict()
+    def differences(self, expected: "Fingerprint | Mapping[str, Any]", mine: str = "cache") -> list[str]:
+        """One line per differing field: 'field: cache has A, this run has B' (``mine`` names the
+        recorded side). A mapping checks only the fields it names (a training run does not know
+        the teacher, say)."""
+        ours = self.to_dict()
         theirs = expected.to_dict() if isinstance(expected, Fingerprint) else dict(expected)
-        unknown = sorted(set(theirs) - set(mine))
+        unknown = sorted(set(theirs) - set(ours))
         if unknown:
-            raise ValueError(f"unknown fingerprint field(s) {unknown}; fields: {sorted(mine)}")
-        return [f"{k}: cache has {mine[k]!r}, this run has {v!r}" for k, v in theirs.items() if mine[k] != v]
+            raise ValueError(f"unknown fingerprint field(s) {unknown}; fields: {sorted(ours)}")
+        return [f"{k}: {mine} has {ours[k]!r}, this run has {v!r}" for k, v in theirs.items() if ours[k] != v]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -99,6 +109,40 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 def sha256_json(value: Any) -> str:
     """Stable hash of a JSON-able value (sorted keys), for building fingerprint fields."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def target_digests(labels: torch.Tensor, units: Units) -> np.ndarray:
+    """(B,) uint64: an 8-byte BLAKE2b digest of each row's supervised target ids (``labels[row,
+    col + 1]`` at its units, in order). Equal digests mean the cached losses score the same tokens."""
+    targets = labels[units.row, units.col + 1].numpy().astype("<i8", copy=False)
+    bounds = np.cumsum(units.counts.numpy())
+    starts = bounds - units.counts.numpy()
+    blocks = (hashlib.blake2b(targets[a:b].tobytes(), digest_size=8).digest() for a, b in zip(starts, bounds))
+    return np.frombuffer(b"".join(blocks), dtype="<u8").astype(np.uint64)
+
+
+def samples_fingerprint(digests: np.ndarray) -> str:
+    """The fingerprint's ``samples`` field: a hash of every sample's digest, in order."""
+    return hashlib.sha256(np.asarray(digests, dtype="<u8").tobytes()).hexdigest()[:16]
+
+
+def sample_change(index: int, count: int, cached_count: int) -> str:
+    """Why sample ``index`` no longer matches the cache: its supervised token count, or only its tokens."""
+    if count != cached_count:
+        return f"sample {index} has {count} supervised tokens but the reference cache holds {cached_count} (token count changed)"
+    return f"sample {index} has as many supervised tokens as the reference cache ({count}) but other token ids (tokens changed)"
+
+
+@dataclass(frozen=True)
+class SampleDigests:
+    """Every sample's supervised token count and target digest: what a scan of the dataset finds."""
+
+    counts: np.ndarray  # int64 (num_samples,)
+    digests: np.ndarray  # uint64 (num_samples,)
+
+    @property
+    def fingerprint(self) -> str:
+        return samples_fingerprint(self.digests)
 
 
 def _json_bytes(value: Any) -> bytes:
@@ -120,12 +164,15 @@ def to_fp16_losses(losses: Any, where: str) -> np.ndarray:
 class RefCache:
     """A finished cache, read-only and memory-mapped: every rank and dataloader worker shares pages."""
 
-    def __init__(self, path: Path, meta: dict[str, Any], losses: np.ndarray, offsets: np.ndarray) -> None:
+    def __init__(
+        self, path: Path, meta: dict[str, Any], losses: np.ndarray, offsets: np.ndarray, digests: np.ndarray | None
+    ) -> None:
         self.path = path
         self.meta = meta
         self.fingerprint = Fingerprint.from_dict(meta["fingerprint"])
         self.losses = losses
         self.offsets = offsets
+        self.digests = digests  # None: written without digests (synthetic caches); not checked per sample
 
     @classmethod
     def open(
@@ -144,14 +191,21 @@ class RefCache:
             raise CorruptCacheError(f"{path / META_FILE} is unreadable ({err}): rebuild the cache with `regate score`")
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
             found = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else (type(meta).__name__, None)
+            if found[0] == FORMAT and isinstance(found[1], int) and found[1] < VERSION:
+                raise CorruptCacheError(
+                    f"{path} is a v{found[1]} cache from an older regate-plugin (this one reads v{VERSION}, which "
+                    "records per-sample digests): rebuild it with `regate score`"
+                )
             raise CorruptCacheError(f"{path} is not a {FORMAT} v{VERSION} cache (found {found[0]!r} v{found[1]!r})")
         try:
             num_samples, num_units = int(meta["num_samples"]), int(meta["num_units"])
-            recorded = {n: (int(meta["files"][n]["bytes"]), str(meta["files"][n]["sha256"])) for n in (LOSSES_FILE, OFFSETS_FILE)}
-            Fingerprint.from_dict(meta["fingerprint"])
+            fingerprint = Fingerprint.from_dict(meta["fingerprint"])
+            names = (LOSSES_FILE, OFFSETS_FILE, DIGESTS_FILE) if fingerprint.samples else (LOSSES_FILE, OFFSETS_FILE)
+            recorded = {n: (int(meta["files"][n]["bytes"]), str(meta["files"][n]["sha256"])) for n in names}
         except (KeyError, TypeError, ValueError) as err:
             raise CorruptCacheError(f"{path / META_FILE} lacks a valid field ({err!r}): rebuild the cache with `regate score`")
-        expected_bytes = {LOSSES_FILE: 2 * num_units, OFFSETS_FILE: 8 * (num_samples + 1)}
+        expected_bytes = {LOSSES_FILE: 2 * num_units, OFFSETS_FILE: 8 * (num_samples + 1), DIGESTS_FILE: 8 * num_samples}
+        expected_bytes = {name: expected_bytes[name] for name in names}
         for name, size in expected_bytes.items():
             file = path / name
             if not file.is_file():
@@ -167,7 +221,12 @@ class RefCache:
         if offsets[0] != 0 or offsets[-1] != num_units or (np.diff(offsets) < 0).any():
             raise CorruptCacheError(f"{path / OFFSETS_FILE} is not a valid offset table: rebuild the cache")
         losses = np.memmap(path / LOSSES_FILE, dtype=np.float16, mode="r", shape=(num_units,)) if num_units else np.zeros(0, np.float16)
-        cache = cls(path, meta, losses, offsets)
+        digests = None
+        if fingerprint.samples:
+            digests = np.memmap(path / DIGESTS_FILE, dtype="<u8", mode="r", shape=(num_samples,)) if num_samples else np.zeros(0, "<u8")
+            if verify and samples_fingerprint(digests) != fingerprint.samples:
+                raise CorruptCacheError(f"{path / DIGESTS_FILE} does not match the fingerprint's samples field: rebuild the cache")
+        cache = cls(path, meta, losses, offsets, digests)
         if expect is not None:
             diffs = cache.fingerprint.differences(expect)
             if diffs:
@@ -193,6 +252,28 @@ class RefCache:
         """Units of every sample."""
         return np.diff(self.offsets)
 
+    def differences(self, expected: Fingerprint | Mapping[str, Any], samples: SampleDigests) -> list[str]:
+        """``fingerprint.differences(expected)``, a changed samples field told as the first changed
+        sample of the scan ``samples`` and its cause (what the user can look at)."""
+        differences = self.fingerprint.differences(expected)
+        changed = self.sample_mismatch(samples)
+        if changed is None:
+            return differences
+        return [d for d in differences if not d.startswith("samples:")] + [changed]
+
+    def sample_mismatch(self, samples: SampleDigests) -> str | None:
+        """The first sample of a dataset scan that differs from what was scored (None: all match)."""
+        if len(samples.digests) != self.num_samples:
+            return f"the dataset has {len(samples.digests)} samples, the reference cache {self.num_samples}"
+        changed = samples.counts != self.counts()
+        if self.digests is not None:
+            changed |= np.asarray(self.digests) != samples.digests
+        differ = np.flatnonzero(changed)
+        if not differ.size:
+            return None
+        index = int(differ[0])
+        return sample_change(index, int(samples.counts[index]), int(self.counts()[index]))
+
     def sample(self, index: int) -> np.ndarray:
         """Reference losses of sample ``index`` as float32."""
         return np.asarray(self.losses[self.offsets[index] : self.offsets[index + 1]], dtype=np.float32)
@@ -204,6 +285,10 @@ class RefCache:
     def all_losses(self) -> torch.Tensor:
         """Every reference loss as one float32 tensor (the EMA table's starting values)."""
         return torch.from_numpy(np.asarray(self.losses, dtype=np.float32))
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickled (an enabled model's copy, a worker) by path: reopened and memory-mapped, not copied."""
+        return RefCache.open, (str(self.path), None, False)
 
 
 @dataclass(frozen=True)
@@ -229,6 +314,7 @@ class RefCacheWriter:
         if self.path.exists():
             raise FileExistsError(f"{self.path} exists and is not a reference cache; choose another --out")
         progress = {
+            "version": VERSION,
             "fingerprint": fingerprint.to_dict(),
             "num_samples": num_samples,
             "shard_size": shard_size,
@@ -236,14 +322,19 @@ class RefCacheWriter:
         self.partial.mkdir(parents=True, exist_ok=True)
         progress_file = self.partial / PROGRESS_FILE
         if progress_file.exists():
-            found = json.loads(progress_file.read_text())
-            if found != progress:
+            differences = _progress_differences(_read_progress(progress_file), progress, fingerprint)
+            if differences:
                 raise CacheMismatchError(
-                    f"{self.partial} holds a partial cache for another setup or shard size "
-                    f"(found {found}, this run {progress}): delete it to start over, or rerun the original command"
+                    f"{self.partial} holds a partial cache for another setup ({'; '.join(differences)}): rerun the "
+                    f"original command to finish it, or delete {self.partial} to start over"
                 )
         else:
             write_atomic(progress_file, _json_bytes(progress))
+
+    @property
+    def records_digests(self) -> bool:
+        """Whether shards carry per-sample digests: exactly when the fingerprint has a samples field."""
+        return bool(self.fingerprint.samples)
 
     def shards(self) -> list[Shard]:
         return [
@@ -266,28 +357,42 @@ class RefCacheWriter:
         """Shards still to compute that belong to ``rank`` (shard_id mod world_size == rank)."""
         return [s for s in self.shards() if s.shard_id % world_size == rank and not self.is_done(s)]
 
-    def write_shard(self, shard: Shard, per_sample: Sequence[Any]) -> None:
-        """Store one shard: ``per_sample[i]`` holds the reference losses of sample ``shard.start + i``."""
-        if len(per_sample) != shard.stop - shard.start:
-            raise ValueError(f"shard {shard.shard_id} covers {shard.stop - shard.start} samples, got {len(per_sample)}")
+    def write_shard(self, shard: Shard, per_sample: Sequence[Any], digests: Sequence[int] | None = None) -> None:
+        """Store one shard: ``per_sample[i]`` holds the reference losses of sample ``shard.start + i``
+        and ``digests[i]`` its ``target_digests`` value (required exactly when ``records_digests``)."""
+        n = shard.stop - shard.start
+        if len(per_sample) != n:
+            raise ValueError(f"shard {shard.shard_id} covers {n} samples, got {len(per_sample)}")
+        if (digests is not None) != self.records_digests:
+            raise ValueError(
+                "pass each sample's target digest: the fingerprint has a samples field" if self.records_digests
+                else "this cache records no digests (its fingerprint's samples field is empty): pass none"
+            )
+        digest_bytes = b""
+        if digests is not None:
+            if len(digests) != n:
+                raise ValueError(f"shard {shard.shard_id} covers {n} samples, got {len(digests)} digests")
+            digest_bytes = np.asarray(digests, dtype=np.uint64).astype("<u8").tobytes()
         arrays = [to_fp16_losses(x, f"sample {shard.start + i}") for i, x in enumerate(per_sample)]
         counts = np.array([a.size for a in arrays], dtype=np.int64)
-        body = struct.pack("<qq", shard.start, shard.stop) + counts.tobytes() + b"".join(a.tobytes() for a in arrays)
+        body = struct.pack("<qq", shard.start, shard.stop) + counts.tobytes() + digest_bytes + b"".join(a.tobytes() for a in arrays)
         write_atomic(self._shard_file(shard.shard_id), body + hashlib.sha256(body).digest())
 
-    def read_shard(self, shard: Shard) -> tuple[np.ndarray, np.ndarray]:
-        """(counts, losses) of a written shard; CorruptCacheError if it does not check out."""
+    def read_shard(self, shard: Shard) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """(counts, digests or None, losses) of a written shard; CorruptCacheError if it does not check out."""
         data = self._shard_file(shard.shard_id).read_bytes()
         body, digest = data[:-32], data[-32:]
         n = shard.stop - shard.start
-        if len(data) < 16 + 8 * n + 32 or hashlib.sha256(body).digest() != digest:
+        losses_at = 16 + 8 * n + (8 * n if self.records_digests else 0)
+        if len(data) < losses_at + 32 or hashlib.sha256(body).digest() != digest:
             raise CorruptCacheError(f"{self._shard_file(shard.shard_id)} is corrupt")
         start, stop = struct.unpack_from("<qq", body)
         counts = np.frombuffer(body, dtype=np.int64, count=n, offset=16)
-        losses = np.frombuffer(body, dtype=np.float16, offset=16 + 8 * n)
+        digests = np.frombuffer(body, dtype="<u8", count=n, offset=16 + 8 * n) if self.records_digests else None
+        losses = np.frombuffer(body, dtype=np.float16, offset=losses_at)
         if (start, stop) != (shard.start, shard.stop) or losses.size != counts.sum():
             raise CorruptCacheError(f"{self._shard_file(shard.shard_id)} does not hold samples {shard.start}..{shard.stop - 1}")
-        return counts, losses
+        return counts, digests, losses
 
     def finalize(self) -> RefCache:
         """Merge all shards into the final cache (atomically) and remove the partial directory."""
@@ -300,21 +405,30 @@ class RefCacheWriter:
         if missing:
             more = "..." if len(missing) > 10 else ""
             raise RefCacheError(f"cannot finalize {self.path}: shards {missing[:10]}{more} are not written yet")
-        counts = np.concatenate([c for c, _ in parts]) if parts else np.zeros(0, np.int64)
+        counts = np.concatenate([c for c, _, _ in parts]) if parts else np.zeros(0, np.int64)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        names = [LOSSES_FILE, OFFSETS_FILE]
+        if self.records_digests:
+            digests = np.concatenate([d for _, d, _ in parts]) if parts else np.zeros(0, "<u8")
+            if samples_fingerprint(digests) != self.fingerprint.samples:
+                raise RefCacheError(
+                    f"cannot finalize {self.path}: the scored samples' digests do not match the fingerprint's samples "
+                    "field (the dataset returned other samples while scoring than when the run started; it must "
+                    f"return the same tokens every time): delete {self.partial} and rerun"
+                )
+            names.append(DIGESTS_FILE)
         tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex}")
         tmp.mkdir()
         try:
             with open(tmp / LOSSES_FILE, "wb") as handle:
-                for _, losses in parts:
+                for _, _, losses in parts:
                     handle.write(losses.tobytes())
                 handle.flush()
                 os.fsync(handle.fileno())
             write_atomic(tmp / OFFSETS_FILE, offsets.tobytes())
-            files = {
-                name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
-                for name in (LOSSES_FILE, OFFSETS_FILE)
-            }
+            if self.records_digests:
+                write_atomic(tmp / DIGESTS_FILE, digests.tobytes())
+            files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in names}
             meta = {
                 "format": FORMAT,
                 "version": VERSION,
@@ -333,11 +447,38 @@ class RefCacheWriter:
         return RefCache.open(self.path)
 
 
+def _read_progress(path: Path) -> dict[str, Any]:
+    try:
+        found = json.loads(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise CorruptCacheError(f"{path} is unreadable ({err}): delete {path.parent} to start over") from err
+    if not isinstance(found, dict):
+        raise CorruptCacheError(f"{path} is not a progress record: delete {path.parent} to start over")
+    return found
+
+
+def _progress_differences(found: dict[str, Any], progress: dict[str, Any], fingerprint: Fingerprint) -> list[str]:
+    """One entry per setting in which a partial run differs from this one, named as the option is."""
+    if found.get("version") != VERSION:
+        return [f"it was written by another regate-plugin version (format v{found.get('version', 1)}, this one v{VERSION})"]
+    differences = [
+        f"{key}: partial run has {found.get(key)!r}, this run has {progress[key]!r}"
+        for key in ("num_samples", "shard_size") if found.get(key) != progress[key]
+    ]
+    return differences + Fingerprint.from_dict(found.get("fingerprint", {})).differences(fingerprint, "partial run")
+
+
 def write_cache(
-    path: str | os.PathLike, fingerprint: Fingerprint, per_sample: Sequence[Any], shard_size: int = 1024
+    path: str | os.PathLike,
+    fingerprint: Fingerprint,
+    per_sample: Sequence[Any],
+    shard_size: int = 1024,
+    digests: Sequence[int] | None = None,
 ) -> RefCache:
-    """Write a whole cache from in-memory per-sample losses (tests, small datasets)."""
+    """Write a whole cache from in-memory per-sample losses (tests, small datasets); ``digests``
+    (each sample's ``target_digests`` value) exactly when ``fingerprint.samples`` is set."""
     writer = RefCacheWriter(path, fingerprint, len(per_sample), shard_size)
     for shard in writer.pending():
-        writer.write_shard(shard, per_sample[shard.start : shard.stop])
+        part = None if digests is None else digests[shard.start : shard.stop]
+        writer.write_shard(shard, per_sample[shard.start : shard.stop], part)
     return writer.finalize()

@@ -9,10 +9,11 @@ preprocessing code, so the alignment holds by construction.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -20,14 +21,28 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .loss import kept_token_loss
-from .refcache import Fingerprint, RefCache, RefCacheWriter, Shard, sha256_json, to_fp16_losses
+from .refcache import (
+    CacheMismatchError,
+    CorruptCacheError,
+    Fingerprint,
+    RefCache,
+    RefCacheError,
+    RefCacheWriter,
+    SampleDigests,
+    Shard,
+    sha256_json,
+    target_digests,
+    to_fp16_losses,
+)
+from .teacher import teacher_fingerprint
 from .units import IGNORE_INDEX, find_units
 
 
 class ScoringSource(Protocol):
     """What a target provides for the teacher pass."""
 
-    fingerprint: Fingerprint
+    fingerprint: Fingerprint  # samples included: computing it scans the whole dataset
+    samples: SampleDigests  # every sample's unit count and target digest
     pad_token_id: int
     tokenizer_fingerprint: str  # the student's, checked against the teacher's before any compute
 
@@ -76,15 +91,48 @@ def dataset_probe(text_only, num_samples: int, probes: int = 64) -> str:
     return sha256_json([[t.tolist() for t in text_only(i)] for i in picks])[:16]
 
 
-def teacher_fingerprint(teacher: str | os.PathLike) -> str:
-    """Hash of the teacher's config and weight files (names and sizes): cheap, and changes with the weights."""
-    path = Path(teacher)
-    if not path.is_dir():
-        return str(teacher)
-    files = sorted(
-        (p.name, p.stat().st_size) for p in path.iterdir() if p.suffix in (".json", ".safetensors", ".bin", ".pt")
-    )
-    return sha256_json(files)[:16]
+def sample_digest(labels: torch.Tensor) -> int:
+    """``target_digests`` of one sample's 1-D labels."""
+    return int(target_digests(labels[None], find_units(labels[None]))[0])
+
+
+def scan_samples(text_only: Callable[[int], tuple[torch.Tensor, torch.Tensor]], num_samples: int) -> SampleDigests:
+    """Unit count and target digest of every sample: a tokenization pass, no teacher."""
+    counts = np.zeros(num_samples, dtype=np.int64)
+    digests = np.zeros(num_samples, dtype=np.uint64)
+    quiet = os.environ.get("RANK", "0") != "0"  # one bar under torchrun; tqdm shows it on a terminal only
+    for i in tqdm(range(num_samples), desc="checking samples", unit="sample", disable=True if quiet else None):
+        labels = text_only(i)[1]
+        units = find_units(labels[None])
+        counts[i], digests[i] = int(units.counts[0]), target_digests(labels[None], units)[0]
+    return SampleDigests(counts, digests)
+
+
+class FingerprintedSource:
+    """What every target's ScoringSource shares: the full-dataset scan and the fingerprint covering
+    it, both computed on first use, so a training run that checks only ``fields`` never pays for them.
+
+    A subclass sets ``fields`` (dataset, tokenizer, visual_tokens, max_length: what training checks
+    when it starts) and ``teacher`` (the --teacher argument; "" where no teacher is involved), and
+    defines ``text_only`` and ``__len__``.
+    """
+
+    fields: dict[str, Any]
+    teacher: str
+
+    @functools.cached_property
+    def samples(self) -> SampleDigests:
+        return scan_samples(self.text_only, len(self))
+
+    @functools.cached_property
+    def fingerprint(self) -> Fingerprint:
+        teacher = teacher_fingerprint(self.teacher) if self.teacher else ""
+        return Fingerprint(**self.fields, teacher=teacher, samples=self.samples.fingerprint)
+
+    def expected(self) -> dict[str, Any]:
+        """The fingerprint fields a training run checks when it starts, cheaply: all but the teacher
+        and the samples (a full pass over the dataset; the engine checks each micro-batch instead)."""
+        return dict(self.fields)
 
 
 @torch.no_grad()
@@ -145,16 +193,53 @@ def score_dataset(
     start, tokens = time.perf_counter(), 0
     for shard in pending:
         losses: dict[int, torch.Tensor] = {}
+        digests: dict[int, int] = {}
         for batch, samples in _shard_batches(source, shard, batch_size):
             losses.update(zip(batch, teacher_unit_losses(teacher, samples, source.pad_token_id)))
+            digests.update((i, sample_digest(labels)) for i, (_, labels) in zip(batch, samples))
             tokens += sum(ids.numel() for ids, _ in samples)
             bar.update(len(batch))
             bar.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - start):,.0f}", refresh=False)
-        writer.write_shard(shard, [losses[i] for i in range(shard.start, shard.stop)])
+        order = range(shard.start, shard.stop)
+        _check_stable(source.samples, {i: digests[i] for i in order})
+        writer.write_shard(shard, [losses[i] for i in order], [digests[i] for i in order])
     bar.close()
     if distributed:
         dist.barrier()
     return writer.finalize() if rank == 0 else None
+
+
+def _check_stable(scan: SampleDigests, digests: dict[int, int]) -> None:
+    """The teacher pass must score the samples the scan fingerprinted: a dataset that returns other
+    tokens on a second read would leave a cache that matches no training run."""
+    for index, digest in digests.items():
+        if digest != int(scan.digests[index]):
+            raise RefCacheError(
+                f"sample {index} gave other supervised tokens in the teacher pass than in the scan before it: the "
+                "dataset must return the same tokens every time a sample is read (no random text augmentation)"
+            )
+
+
+def existing_cache(out: Path) -> RefCache | None:
+    """The finished cache at ``out``, checked intact; None when there is none yet (a partial run
+    or nothing). Anything else at ``out`` is refused before the dataset scan and the teacher."""
+    if (out / "meta.json").is_file():
+        try:
+            return RefCache.open(out)
+        except RefCacheError as err:
+            raise CorruptCacheError(f"--out {out} holds a damaged or outdated cache ({err}); use a new --out or delete it") from err
+    if out.exists():
+        raise RefCacheError(f"--out {out} exists and is not a reference cache: use a new --out or delete it")
+    return None
+
+
+def check_complete(cache: RefCache, source: ScoringSource) -> None:
+    """Refuse a finished cache that another setup (teacher included) or other samples produced."""
+    differences = cache.differences(source.fingerprint, source.samples)
+    if differences:
+        raise CacheMismatchError(
+            f"--out {cache.path} holds a cache for another setup ({'; '.join(differences)}): use a new --out or delete it"
+        )
 
 
 def load_teacher(path: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -187,21 +272,20 @@ class OnlineRefCache:
 
     For data that changes too often to precompute. Costs: the teacher's weights stay on the device
     (as large as the student's language model: ~14 GB in bf16 for 7B, per rank), one no-grad
-    teacher forward per new sample, and 2 bytes per unit on the host. Unit counts come from a
-    tokenization pass over the text-only samples when it is built. Drop-in for ``RefCache`` in
-    ``ReGATEEngine``, which shares newly computed losses across ranks at each step's end.
+    teacher forward per new sample, and 2 bytes per unit on the host. Unit counts and target
+    digests come from the source's tokenization pass over the text-only samples when it is built,
+    so the engine checks every micro-batch against them as it does for a cache on disk. Drop-in
+    for ``RefCache`` in ``ReGATEEngine``, which shares newly computed losses across ranks at each
+    step's end.
     """
 
-    def __init__(self, source: ScoringSource, teacher: torch.nn.Module, batch_size: int = 8, progress: bool = True) -> None:
+    def __init__(self, source: ScoringSource, teacher: torch.nn.Module, batch_size: int = 8) -> None:
         self.source = source
         self.teacher = teacher
         self.batch_size = batch_size
         self.fingerprint = source.fingerprint
-        counts = [
-            int(find_units(source.text_only(i)[1][None]).counts[0])
-            for i in tqdm(range(len(source)), desc="counting supervised tokens", unit="sample", disable=not progress)
-        ]
-        self.offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+        self.digests = source.samples.digests
+        self.offsets = np.concatenate([[0], np.cumsum(source.samples.counts)]).astype(np.int64)
         self.losses = np.full(int(self.offsets[-1]), np.nan, dtype=np.float16)
 
     @property

@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 from .engine import SAMPLE_INDEX_KEY, ReGATEEngine
 from .atomic import write_atomic
 from .collectives import collective_device, is_multi_rank
+from .plugins import warn_on_plugin_change
 
 STATE_FILE = "regate_state.pt"
 METRICS = ("supervised_total", "supervised_kept", "llm_tokens", "padded_tokens")
@@ -97,7 +98,9 @@ class ReGATECallback(TrainerCallback):
             self._ratios = []
 
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        # Where the Trainer writes its checkpoint files: every node's first process with
+        # save_on_each_node (nodes without a shared filesystem resume from their own copy).
+        if args.should_save:
             save_state(self.engine, Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
@@ -142,6 +145,7 @@ def load_state(engine: ReGATEEngine, checkpoint: Path) -> None:
         raise ValueError(
             f"{path} was saved with different ReGATE settings {changed} (saved, now): resume with the same settings"
         )
+    warn_on_plugin_change(state.get("plugins"), engine.pm, str(path))
     engine.load_state_dict(state)
 
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
 import math
 import zlib
 
+import attention_fakes
 import pytest
 import torch
 
+from regate_plugin import attention
 from regate_plugin.attention import (
     BACKEND_ENV,
     BackendUnavailable,
+    UnsupportedAttention,
     resolve_backend,
     varlen_attention,
     why_unavailable,
@@ -32,8 +37,9 @@ def cu_from_lengths(lengths):
     return torch.tensor(bounds, dtype=torch.int32)
 
 
-def reference_attention(q, k, v, cu_seqlens, scale=None):
-    """Plain T x T softmax attention with an explicit block-diagonal causal mask."""
+def reference_attention(q, k, v, cu_seqlens, scale=None, window=None, cols=None, softcap=None):
+    """Plain T x T softmax attention with an explicit block-diagonal causal mask; with ``window``, a key
+    is visible only within ``window - 1`` original columns (``cols``) of the query; ``softcap`` caps scores."""
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     groups = Hq // Hkv
@@ -45,9 +51,14 @@ def reference_attention(q, k, v, cu_seqlens, scale=None):
         seg_id[start:end] = i
     pos = torch.arange(T)
     allowed = (seg_id[:, None] == seg_id[None, :]) & (pos[None, :] <= pos[:, None])
+    if window is not None:
+        allowed &= cols[:, None] - cols[None, :] <= window - 1
     mask = torch.zeros(T, T, dtype=q.dtype).masked_fill(~allowed, float("-inf"))
     s = (1.0 / math.sqrt(D)) if scale is None else scale
-    scores = torch.einsum("qhd,khd->hqk", q, k) * s + mask  # (H, T, T)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * s
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores + mask  # (H, T, T)
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("hqk,khd->qhd", probs, v)
 
@@ -271,3 +282,341 @@ def test_query_heads_not_multiple_of_kv_heads_raises(heads):
     q, k, v = make_qkv(5, Hq, Hkv, 8, gen)
     with pytest.raises(ValueError, match="multiple"):
         varlen_attention(q, k, v, cu_from_lengths([5]), 5)
+
+
+# ---------------------------------------------------------------- sliding window, dropout, softcap, other semantics
+
+
+@pytest.fixture(autouse=True)
+def _fresh_backend_log(monkeypatch):
+    monkeypatch.setattr(attention, "_announced", set(), raising=False)
+
+
+def columns(lengths, gaps, gen):
+    """Each segment's original columns: increasing from an arbitrary start, with gaps where tokens were elided."""
+    cols = []
+    for n in lengths:
+        steps = 1 + (torch.randint(0, 3, (n,), generator=gen) if gaps else torch.zeros(n, dtype=torch.long))
+        steps[0] = int(torch.randint(0, 5, (1,), generator=gen))
+        cols.append(steps.cumsum(0))
+    return torch.cat(cols)
+
+
+def longest_span(cols, lengths):
+    bounds = cu_from_lengths(lengths).tolist()
+    return max(int(cols[end - 1] - cols[start]) + 1 for start, end in zip(bounds[:-1], bounds[1:]))
+
+
+WINDOW_LENGTHS = [6, 9, 1, 7]
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 5])
+@pytest.mark.parametrize("gaps", [True, False], ids=["elided", "contiguous"])
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2)], ids=["mha", "gqa"])
+def test_sdpa_window_counts_original_columns(window, gaps, heads):
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((window, gaps, heads)).encode()))
+    cu, T = cu_from_lengths(WINDOW_LENGTHS), sum(WINDOW_LENGTHS)
+    cols = columns(WINDOW_LENGTHS, gaps, gen)
+    span = longest_span(cols, WINDOW_LENGTHS)
+    assert span > window
+    q, k, v = make_qkv(T, *heads, 8, gen)
+    grad_out = torch.randn(T, heads[0], 8, generator=gen)
+    inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = varlen_attention(*inputs, cu, max(WINDOW_LENGTHS), scale=0.3, window=window, cols=cols, max_span=span)
+    out.backward(grad_out)
+    ref_inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref = reference_attention(*ref_inputs, cu, scale=0.3, window=window, cols=cols)
+    ref.backward(grad_out)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
+    for got, want in zip(inputs, ref_inputs):
+        torch.testing.assert_close(got.grad, want.grad, atol=ATOL, rtol=RTOL)
+    assert not torch.allclose(out, varlen_attention(q, k, v, cu, max(WINDOW_LENGTHS), scale=0.3), atol=1e-3)
+
+
+@pytest.mark.parametrize("window", [1, 3, 4])
+def test_window_is_transformers_sliding_window(window):
+    """The keys a query sees are those of transformers' own sliding-window causal mask function."""
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    n = 9
+    idx = torch.arange(n)
+    visible = sliding_window_causal_mask_function(window)(0, 0, idx[:, None], idx[None, :])
+    gen = torch.Generator().manual_seed(window)
+    q, k, v = make_qkv(n, 2, 2, 8, gen)
+    scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(8)
+    expected = torch.einsum("hqk,khd->qhd", scores.masked_fill(~visible, float("-inf")).softmax(-1), v)
+    out = varlen_attention(q, k, v, cu_from_lengths([n]), n, window=window, cols=idx, max_span=n)
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
+
+
+def test_window_that_cannot_drop_a_key_needs_nothing():
+    gen = torch.Generator().manual_seed(9)
+    cu = cu_from_lengths(WINDOW_LENGTHS)
+    q, k, v = make_qkv(sum(WINDOW_LENGTHS), 4, 2, 8, gen)
+    plain = varlen_attention(q, k, v, cu, 9)
+    for span in (4, 9):  # max_span <= window: the window keeps every key, and no cols are needed
+        torch.testing.assert_close(varlen_attention(q, k, v, cu, 9, window=9, max_span=span), plain, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="needs cols"):
+        varlen_attention(q, k, v, cu, 9, window=8, max_span=9)
+    with pytest.raises(ValueError, match="needs cols"):
+        varlen_attention(q, k, v, cu, 9, window=8)
+    with pytest.raises(ValueError, match=r"cols must have shape \(23,\)"):
+        varlen_attention(q, k, v, cu, 9, window=8, cols=torch.arange(9), max_span=9)
+    with pytest.raises(ValueError, match="at least 1"):
+        varlen_attention(q, k, v, cu, 9, window=0, cols=torch.arange(23), max_span=9)
+
+
+def test_segment_max_span():
+    cols = torch.tensor([3, 4, 9, 0, 0, 2, 7])
+    assert attention.segment_max_span(cols, cu_from_lengths([3, 1, 3])) == 8  # spans 9-3+1, 1, 7-0+1
+    assert attention.segment_max_span(cols[:3], cu_from_lengths([3])) == 7
+    assert attention.segment_max_span(cols[:0], torch.tensor([0], dtype=torch.int32)) == 0
+
+
+def test_sdpa_dropout_is_applied_to_the_attention_weights():
+    """With one-token segments each weight is 1: dropout leaves 0 or 1/(1-p) times the value."""
+    gen = torch.Generator().manual_seed(10)
+    q, k, v = make_qkv(64, 4, 4, 8, gen)
+    cu = cu_from_lengths([1] * 64)
+    torch.manual_seed(0)
+    out = varlen_attention(q, k, v, cu, 1, dropout_p=0.5)
+    kept = (out == 2 * v).all(-1)
+    dropped = (out == 0).all(-1)
+    assert bool((kept | dropped).all())
+    assert 0.3 < kept.float().mean() < 0.7
+    torch.manual_seed(0)
+    torch.testing.assert_close(varlen_attention(q, k, v, cu, 1, dropout_p=0.5), out, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        varlen_attention(q, k, v, cu, 1, dropout_p=1.0)
+
+
+def test_sdpa_dropout_on_longer_segments_averages_to_the_plain_result():
+    gen = torch.Generator().manual_seed(11)
+    cu = cu_from_lengths([5, 3])
+    q, k, v = make_qkv(8, 2, 2, 4, gen)
+    torch.manual_seed(1)
+    mean = torch.stack([varlen_attention(q, k, v, cu, 5, dropout_p=0.2) for _ in range(3000)]).mean(0)
+    torch.testing.assert_close(mean, reference_attention(q, k, v, cu), atol=0.06, rtol=0)
+
+
+def test_softcap_on_sdpa_is_refused():
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = make_qkv(6, 2, 2, 8, gen)
+    with pytest.raises(UnsupportedAttention, match=r"soft-capping \(softcap=30.0\).*flash-attn >= 2.6"):
+        varlen_attention(q, k, v, cu_from_lengths([6]), 6, softcap=30.0)
+    with pytest.raises(ValueError, match="softcap must be positive"):
+        varlen_attention(q, k, v, cu_from_lengths([6]), 6, softcap=0.0)
+
+
+def test_other_attention_semantics_are_refused_by_name():
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = make_qkv(6, 2, 2, 8, gen)
+    cu = cu_from_lengths([2, 4])
+    with pytest.raises(UnsupportedAttention, match="does not implement s_aux"):
+        varlen_attention(q, k, v, cu, 4, s_aux=torch.zeros(2))
+    assert isinstance(UnsupportedAttention("x"), ValueError)
+    torch.testing.assert_close(varlen_attention(q, k, v, cu, 4, s_aux=None), reference_attention(q, k, v, cu),
+                               atol=ATOL, rtol=RTOL)
+
+
+# ---------------------------------------------------------------- the CUDA kernels' call paths, through fakes
+
+HALF_ATOL = 4e-3
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """The device check says CUDA; ``use(flash=..., torch=...)`` puts fake kernels behind the lookups."""
+    monkeypatch.setattr(attention, "_accelerated", lambda device: True, raising=False)
+
+    def use(flash=None, varlen=None):
+        monkeypatch.setattr(attention, "_flash_varlen", lambda: flash)
+        monkeypatch.setattr(attention, "_torch_varlen", lambda: varlen)
+
+    use()
+    return use
+
+
+def half_qkv(T, Hq, Hkv, D, gen, dtype=torch.float16):
+    return tuple(t.to(dtype) for t in make_qkv(T, Hq, Hkv, D, gen))
+
+
+def check_against_reference(out, q, k, v, cu, grad=True, **ref_kwargs):
+    """Output (and gradients) of a half-precision call against the float32 reference on the same inputs."""
+    ref_inputs = [t.float().requires_grad_(True) for t in (q, k, v)]
+    ref = reference_attention(*ref_inputs, cu, **ref_kwargs)
+    assert out.dtype == q.dtype and out.shape == ref.shape
+    torch.testing.assert_close(out.float(), ref, atol=HALF_ATOL, rtol=0)
+    return ref_inputs, ref
+
+
+LENGTHS = [5, 1, 8, 3]
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("scale", [None, 0.2])
+def test_flash_call_path(fake_cuda, heads, scale):
+    calls = []
+    fake_cuda(flash=attention_fakes.flash_attn_varlen_func_fake(calls), varlen=attention_fakes.varlen_attn_2_12_fake([]))
+    gen = torch.Generator().manual_seed(14)
+    cu = cu_from_lengths(LENGTHS)
+    q, k, v = half_qkv(sum(LENGTHS), *heads, 16, gen)
+    inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = varlen_attention(*inputs, cu, max(LENGTHS), scale=scale)
+    ref_inputs, ref = check_against_reference(out, q, k, v, cu, scale=scale)
+    grad_out = torch.randn(out.shape, generator=gen)
+    out.backward(grad_out.half())
+    ref.backward(grad_out)
+    for got, want in zip(inputs, ref_inputs):
+        torch.testing.assert_close(got.grad.float(), want.grad, atol=2e-2, rtol=0)
+    (call,) = calls
+    assert call["causal"] is True and call["softmax_scale"] == scale and call["dropout_p"] == 0.0
+    assert call["window_size"] == (-1, -1) and call["softcap"] == 0.0  # the defaults: nothing else asked for
+    assert call["k"].shape[1] == heads[1]  # flash-attn takes GQA as it is
+
+
+def test_flash_honours_window_dropout_and_softcap(fake_cuda):
+    calls = []
+    fake_cuda(flash=attention_fakes.flash_attn_varlen_func_fake(calls))
+    gen = torch.Generator().manual_seed(15)
+    cu, T = cu_from_lengths(LENGTHS), sum(LENGTHS)
+    q, k, v = half_qkv(T, 4, 2, 16, gen)
+    cols = columns(LENGTHS, gaps=False, gen=gen)
+    out = varlen_attention(q, k, v, cu, 8, window=3, cols=cols, max_span=8, softcap=2.0)
+    check_against_reference(out, q, k, v, cu, window=3, cols=cols, softcap=2.0)
+    assert calls[-1]["window_size"] == (2, 0) and calls[-1]["softcap"] == 2.0
+    varlen_attention(q, k, v, cu, 8, dropout_p=0.1)
+    assert calls[-1]["dropout_p"] == 0.1
+    varlen_attention(q, k, v, cu, 8, window=8, cols=cols, max_span=8)  # the window keeps every key
+    assert calls[-1]["window_size"] == (-1, -1)
+
+
+def test_kernel_window_with_elided_columns_is_refused_only_where_it_matters(fake_cuda):
+    calls = []
+    fake_cuda(flash=attention_fakes.flash_attn_varlen_func_fake(calls))
+    gen = torch.Generator().manual_seed(16)
+    cu = cu_from_lengths([3, 8])
+    q, k, v = half_qkv(11, 4, 2, 16, gen)
+    short_gappy = torch.tensor([0, 2, 4] + list(range(8)))  # spans 5 and 8: only the first has gaps
+    out = varlen_attention(q, k, v, cu, 8, window=5, cols=short_gappy, max_span=8)
+    check_against_reference(out, q, k, v, cu, window=5, cols=short_gappy)
+    assert calls[-1]["window_size"] == (4, 0)
+    long_gappy = torch.tensor([0, 1, 2] + [0, 1, 2, 3, 5, 6, 7, 8])
+    with pytest.raises(UnsupportedAttention, match=r"elided tokens.*attn_backend sdpa"):
+        varlen_attention(q, k, v, cu, 8, window=5, cols=long_gappy, max_span=9)
+
+
+def test_flash_without_softcap_parameter_refuses_softcap(fake_cuda):
+    calls = []
+    fake_cuda(flash=attention_fakes.flash_attn_varlen_func_2_5_fake(calls))
+    gen = torch.Generator().manual_seed(17)
+    cu = cu_from_lengths([4, 4])
+    q, k, v = half_qkv(8, 2, 2, 16, gen)
+    with pytest.raises(UnsupportedAttention, match="flash-attn >= 2.6"):
+        varlen_attention(q, k, v, cu, 4, softcap=20.0)
+    check_against_reference(varlen_attention(q, k, v, cu, 4, scale=0.5), q, k, v, cu, scale=0.5)
+    assert calls[-1]["softmax_scale"] == 0.5 and calls[-1]["causal"] is True
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("scale", [None, 0.25, 0.2])  # 0.25 = 1/sqrt(16): the kernel's own default
+def test_torch_2_10_call_path(fake_cuda, heads, scale):
+    calls = []
+    fake_cuda(varlen=attention_fakes.varlen_attn_2_10_fake(calls))
+    gen = torch.Generator().manual_seed(18)
+    cu = cu_from_lengths(LENGTHS)
+    q, k, v = half_qkv(sum(LENGTHS), *heads, 16, gen)
+    out = varlen_attention(q, k, v, cu, max(LENGTHS), scale=scale)
+    check_against_reference(out, q, k, v, cu, scale=scale)
+    (call,) = calls
+    assert call["is_causal"] is True
+    assert (call["query"] is q) == (scale != 0.2)  # no scale parameter: a custom scale is folded into q
+    assert call["key"].shape[1] == heads[0]  # no GQA: key/value heads repeated
+
+
+def test_torch_2_10_refuses_window_and_dropout(fake_cuda):
+    fake_cuda(varlen=attention_fakes.varlen_attn_2_10_fake([]))
+    gen = torch.Generator().manual_seed(19)
+    cu = cu_from_lengths([6])
+    q, k, v = half_qkv(6, 2, 2, 16, gen)
+    with pytest.raises(UnsupportedAttention, match="no sliding window: upgrade to torch >= 2.11"):
+        varlen_attention(q, k, v, cu, 6, window=2, cols=torch.arange(6), max_span=6)
+    with pytest.raises(UnsupportedAttention, match=r"no attention dropout \(dropout=0.1\)"):
+        varlen_attention(q, k, v, cu, 6, dropout_p=0.1)
+    with pytest.raises(UnsupportedAttention, match="soft-capping"):
+        varlen_attention(q, k, v, cu, 6, softcap=5.0)
+
+
+@pytest.mark.parametrize("version", ["2.11", "2.12"])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa"])
+def test_torch_2_11_and_later_call_path(fake_cuda, version, heads):
+    calls = []
+    fake = {"2.11": attention_fakes.varlen_attn_2_11_fake, "2.12": attention_fakes.varlen_attn_2_12_fake}[version]
+    fake_cuda(varlen=fake(calls))
+    gen = torch.Generator().manual_seed(20)
+    cu, T = cu_from_lengths(LENGTHS), sum(LENGTHS)
+    q, k, v = half_qkv(T, *heads, 16, gen)
+    check_against_reference(varlen_attention(q, k, v, cu, 8, scale=0.2), q, k, v, cu, scale=0.2)
+    assert calls[-1]["scale"] == 0.2 and calls[-1]["window_size"] == (-1, 0)
+    native_gqa = version == "2.12"
+    assert calls[-1]["key"].shape[1] == (heads[1] if native_gqa else heads[0])
+    assert calls[-1].get("enable_gqa", False) == (native_gqa and heads[0] != heads[1])
+    cols = columns(LENGTHS, gaps=False, gen=gen)
+    out = varlen_attention(q, k, v, cu, 8, window=4, cols=cols, max_span=8)
+    check_against_reference(out, q, k, v, cu, window=4, cols=cols)
+    assert calls[-1]["window_size"] == (3, 0)
+    with pytest.raises(UnsupportedAttention, match="elided tokens"):
+        varlen_attention(q, k, v, cu, 8, window=4, cols=columns(LENGTHS, gaps=True, gen=gen), max_span=20)
+    with pytest.raises(UnsupportedAttention, match="no attention dropout"):
+        varlen_attention(q, k, v, cu, 8, dropout_p=0.1)
+
+
+def test_fake_of_torch_varlen_has_the_installed_signature():
+    """The installed torch (2.13) checks the newest fake; the older fakes were read at their tags."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    def shape(fn):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    assert shape(attention_fakes.varlen_attn_2_12_fake([])) == shape(varlen_attn)
+
+
+# ---------------------------------------------------------------- which backend runs, said once
+
+
+def test_backend_is_logged_once_with_the_reason_auto_fell_back(caplog):
+    caplog.set_level(logging.INFO, logger="regate_plugin.attention")
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = make_qkv(4, 2, 2, 8, gen)
+    for _ in range(3):
+        varlen_attention(q, k, v, cu_from_lengths([4]), 4)
+    (record,) = caplog.records
+    assert record.levelno == logging.INFO
+    assert "packed attention backend: sdpa" in record.message and "attn_backend=auto" in record.message
+    assert "flash: the flash backend needs a CUDA device" in record.message
+
+
+def test_cuda_fall_back_to_the_sdpa_loop_warns_once_with_what_to_install(fake_cuda, caplog):
+    caplog.set_level(logging.INFO, logger="regate_plugin.attention")
+    gen = torch.Generator().manual_seed(22)
+    q, k, v = half_qkv(4, 2, 2, 8, gen)
+    for _ in range(2):
+        varlen_attention(q, k, v, cu_from_lengths([4]), 4)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    (warning,) = warnings
+    assert "install flash-attn" in warning.message and "torch >= 2.10" in warning.message
+    assert "flash-attn is not installed" in warning.message and "has no torch.nn.attention.varlen" in warning.message
+    assert len(caplog.records) == 2
+
+
+@pytest.mark.parametrize("requested", ["auto", "flash", "sdpa"])
+def test_cuda_backend_choice_logged_without_warning(fake_cuda, caplog, requested):
+    caplog.set_level(logging.INFO, logger="regate_plugin.attention")
+    fake_cuda(flash=attention_fakes.flash_attn_varlen_func_fake([]))
+    gen = torch.Generator().manual_seed(23)
+    q, k, v = half_qkv(4, 2, 2, 8, gen)
+    varlen_attention(q, k, v, cu_from_lengths([4]), 4, backend=requested)
+    (record,) = caplog.records
+    assert record.levelno == logging.INFO
+    chosen = "sdpa" if requested == "sdpa" else "flash"
+    assert record.message == f"packed attention backend: {chosen} (attn_backend={requested}, cpu)"

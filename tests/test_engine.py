@@ -236,3 +236,62 @@ def test_packing_only_engine_keeps_everything_without_cache():
     stats = engine.end_step()
     assert stats.llm_tokens == int(mask.sum()) and stats.supervised_kept == stats.supervised_total
     assert engine.state_dict()["ema"] is None
+
+
+def independent_digest(labels_row, mask_row) -> int:
+    """BLAKE2b-64 of the row's targets labels[j + 1] where j and j + 1 are real and the label is set."""
+    import hashlib
+
+    targets = [int(labels_row[j + 1]) for j in range(len(labels_row) - 1)
+               if mask_row[j] and mask_row[j + 1] and labels_row[j + 1] != IGNORE_INDEX]
+    data = b"".join(t.to_bytes(8, "little", signed=True) for t in targets)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+@pytest.fixture
+def digest_cache(tmp_path):
+    """The toy batch's cache with per-sample digests (samples 4, 0, 2 are the batch's rows)."""
+    import dataclasses
+
+    import numpy as np
+
+    from regate_plugin.refcache import samples_fingerprint
+
+    tokens, labels, mask = toy_batch()
+    counts = unit_counts(labels, mask)
+    rows = [independent_digest(labels[b], mask[b]) for b in range(3)]
+    digests = [rows[1], 11, rows[2], 12, rows[0]]
+    per_sample = [torch.rand(counts[1]), torch.rand(3), torch.rand(counts[2]), torch.rand(1), torch.rand(counts[0])]
+    fingerprint = dataclasses.replace(FP, samples=samples_fingerprint(np.array(digests, dtype=np.uint64)))
+    return write_cache(tmp_path / "digests", fingerprint, per_sample, digests=digests)
+
+
+def test_engine_refuses_a_sample_whose_targets_changed_at_the_same_count(digest_cache):
+    tokens, labels, mask = toy_batch()
+    engine = ReGATEEngine(ReGATEConfig(warmup=0, dense_steps=0), digest_cache)
+    engine.plan(labels, mask, SAMPLE_IDS)  # the scored targets: accepted
+    changed = labels.clone()
+    j = int((changed[2] != IGNORE_INDEX).nonzero()[-1])  # sample 2's last target, same count
+    changed[2, j] = (changed[2, j] + 1) % VOCAB
+    with pytest.raises(BatchError, match=r"^sample 2 has as many supervised tokens as the reference cache \(\d+\) "
+                                         r"but other token ids \(tokens changed\) in this micro-batch"):
+        engine.plan(changed, mask, SAMPLE_IDS)
+    prompt = labels.clone()
+    prompt[2, 0] = 5  # a target at position 0 is never supervised (no position -1 predicts it)
+    engine.plan(prompt, mask, SAMPLE_IDS)
+    fewer = labels.clone()
+    fewer[0, 3] = IGNORE_INDEX
+    with pytest.raises(BatchError, match=r"^sample 4 has \d+ supervised tokens but the reference cache holds \d+ "
+                                         r"\(token count changed\) in this micro-batch"):
+        engine.plan(fewer, mask, SAMPLE_IDS)
+
+
+def test_target_digests_follow_units_with_the_attention_mask():
+    from regate_plugin.refcache import target_digests
+    from regate_plugin.units import find_units
+
+    tokens, labels, mask = toy_batch()
+    labels[1, 7:] = tokens[1, 7:]  # labels on padding: not units, not in the digest
+    got = target_digests(labels, find_units(labels, mask))
+    assert got.dtype == "uint64"
+    assert got.tolist() == [independent_digest(labels[b], mask[b]) for b in range(3)]

@@ -140,7 +140,7 @@ def test_eval_generation_and_label_free_forwards_are_untouched(tmp_path, kind):
         kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
         assert torch.equal(model.generate(**unlabeled, **kwargs), reference.generate(**unlabeled, **kwargs))
     assert engine.end_step().supervised_total == 0  # the engine never saw these forwards
-    assert model.model.language_model.config._attn_implementation == "regate"
+    assert model.model.language_model.config._attn_implementation == "sdpa"  # what the user chose
 
 
 def test_bad_input_names_the_sample(tmp_path):

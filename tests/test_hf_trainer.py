@@ -140,3 +140,24 @@ def test_report_summarises_the_run(tmp_path, dataset, cache):
 def test_report_explains_a_folder_without_a_run(tmp_path):
     result = CliRunner().invoke(cli.main, ["report", str(tmp_path)])
     assert result.exit_code == 1 and "no trainer_state.json" in result.output
+
+
+@pytest.mark.parametrize("on_each_node", [False, True], ids=["shared-filesystem", "save_on_each_node"])
+def test_regate_state_is_written_where_the_trainer_writes_checkpoints(tmp_path, monkeypatch, cache, on_each_node):
+    """Two nodes of two processes each: regate_state.pt goes where the Trainer writes its checkpoint
+    files (TrainingArguments.should_save): process 0, or with save_on_each_node each node's first."""
+    from regate_plugin.trainer import ReGATECallback
+
+    written = {}
+    for process, local in ((0, 0), (1, 1), (2, 0), (3, 1)):
+        monkeypatch.setattr(transformers.TrainingArguments, "process_index", property(lambda self, i=process: i))
+        monkeypatch.setattr(transformers.TrainingArguments, "local_process_index", property(lambda self, i=local: i))
+        out = tmp_path / f"node{process // 2}-process{process}"
+        args = transformers.TrainingArguments(output_dir=str(out), save_on_each_node=on_each_node, report_to=[])
+        engine = ReGATEEngine(CONFIG, cache)
+        engine.step = 7
+        state = transformers.TrainerState(global_step=7, is_world_process_zero=process == 0)
+        ReGATECallback(engine).on_save(args, state, transformers.TrainerControl())
+        path = out / "checkpoint-7" / STATE_FILE
+        written[process] = path.is_file() and torch.load(path, weights_only=True)["step"] == 7
+    assert written == {0: True, 1: False, 2: on_each_node, 3: False}

@@ -28,10 +28,10 @@ def test_bash_syntax_and_shellcheck(script):
     assert done.returncode == 0, done.stdout
 
 
-def dry_run(script, **env):
+def dry_run(script, args=("--dry-run",), **env):
     environment = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                        MODEL="/models/vicuna", DATA_PATH="/data/mix.json", REF_CACHE="/caches/ref", GPUS="4", **env)
-    done = subprocess.run(["bash", str(RECIPES / script), "--dry-run"], capture_output=True, text=True, env=environment, timeout=120)
+    done = subprocess.run(["bash", str(RECIPES / script), *args], capture_output=True, text=True, env=environment, timeout=120)
     assert done.returncode == 0, done.stderr
     command = next(line for line in done.stdout.splitlines() if line.startswith("command:"))
     resolved = done.stdout[done.stdout.index(command) + len(command):].strip()
@@ -63,3 +63,18 @@ def test_score_dry_run():
     command, _ = dry_run("score_reference.sh")
     assert command.startswith("command: torchrun --nproc_per_node 4 -m regate_plugin score --target llava --teacher /models/vicuna --out /caches/ref")
     assert "--data_path /data/mix.json" in command
+    assert "--output_dir" not in command  # regate score --target llava needs none
+    assert 'regate inspect "$REF_CACHE" --target llava -- "${DATA_ARGS[@]}"' in (RECIPES / "score_reference.sh").read_text()
+
+
+def test_dry_run_anywhere_and_extra_upstream_arguments():
+    command, resolved = dry_run("finetune_regate.sh", args=["--seed", "1", "--dry-run"])
+    assert command.startswith("command: deepspeed ")
+    assert resolved["upstream_args"].startswith("--seed 1 --deepspeed ")
+    assert "--dry-run" not in resolved["upstream_args"]
+
+
+def test_readme_installs_from_a_checkout():
+    readme = (RECIPES / "README.md").read_text()
+    assert 'pip install -e "/path/to/regate-plugin[flash,deepspeed]"' in readme and "git+file:///path/to/regate-plugin" in readme
+    assert 'pip install "regate-plugin[flash,deepspeed]"' not in readme  # not on a registry

@@ -39,10 +39,17 @@ def test_bash_syntax_and_shellcheck(script):
     assert done.returncode == 0, done.stdout
 
 
-def dry_run(script, expect_ok=True, **env):
-    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                   "MODEL": "/models/llm", "DATA_PATH": "/data/mix.json", "REF_CACHE": "/caches/ref", "GPUS": "4", **env}
-    done = subprocess.run(["bash", str(RECIPES / script), "--dry-run"], capture_output=True, text=True, env=environment, timeout=120)
+# What a cluster or the caller may set: each test starts without them.
+LAUNCH_VARIABLES = ("WORLD_SIZE", "NPROC_PER_NODE", "RANK", "MASTER_ADDR", "MASTER_PORT", "NODES", "NODE_RANK", "GPUS")
+
+
+def dry_run(script, expect_ok=True, args=("--dry-run",), **env):
+    """Run a recipe; ``GPUS=None`` leaves GPUS unset (the default 4 stands for a caller's setting)."""
+    environment = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    environment.update({"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "MODEL": "/models/llm",
+                        "DATA_PATH": "/data/mix.json", "REF_CACHE": "/caches/ref", "GPUS": "4", **env})
+    environment = {k: v for k, v in environment.items() if v is not None}
+    done = subprocess.run(["bash", str(RECIPES / script), *args], capture_output=True, text=True, env=environment, timeout=120)
     if not expect_ok:
         return done
     assert done.returncode == 0, done.stderr
@@ -93,3 +100,57 @@ def test_bad_settings_are_refused():
     assert done.returncode != 0 and "unknown VARIANT=llama-13b" in done.stderr
     done = dry_run("finetune_regate.sh", expect_ok=False, GPUS="3")
     assert done.returncode != 0 and "not a multiple" in done.stderr
+
+
+def launch(command):
+    """torchrun's --nnodes, --nproc_per_node, --master_addr, --master_port and --node_rank of a dry run."""
+    words = command.split()
+    return tuple(words[words.index(flag) + 1] for flag in
+                 ("--nnodes", "--nproc_per_node", "--master_addr", "--master_port", "--node_rank"))
+
+
+def test_positional_arguments_as_upstreams_scripts():
+    """`bash finetune.sh 2 8 1` as upstream's scripts/custom/finetune.sh: nodes, GPUs per node, node rank;
+    --dry-run anywhere among them."""
+    for args in (["2", "8", "1", "--dry-run"], ["--dry-run", "2", "8", "1"], ["2", "--dry-run", "8", "1"]):
+        command, resolved = dry_run("finetune_regate.sh", args=args, GPUS=None)
+        assert launch(command) == ("2", "8", "127.0.0.1", "16666", "1"), args
+        assert "--gradient_accumulation_steps 2 " in resolved["upstream_args"]  # 128 / (2 nodes x 8 GPUs x 4)
+    command, _ = dry_run("finetune_lora_regate.sh", args=["4", "--dry-run"], GPUS=None)
+    assert launch(command) == ("4", "8", "127.0.0.1", "16666", "0")  # upstream's defaults for the rest
+    command, _ = dry_run("finetune_qlora_regate.sh", args=["--dry-run"], GPUS=None)
+    assert launch(command) == ("1", "8", "127.0.0.1", "16666", "0")
+
+
+def test_cluster_variables_as_upstreams_scripts():
+    """WORLD_SIZE (nodes) and NPROC_PER_NODE replace the arguments when both are set; RANK when
+    MASTER_ADDR, MASTER_PORT and RANK are all set; our NODES, GPUS and NODE_RANK win over both."""
+    cluster = {"WORLD_SIZE": "4", "NPROC_PER_NODE": "2", "MASTER_ADDR": "10.0.0.9", "MASTER_PORT": "23456", "RANK": "3"}
+    command, resolved = dry_run("finetune_regate.sh", args=["1", "8", "0", "--dry-run"], GPUS=None, **cluster)
+    assert launch(command) == ("4", "2", "10.0.0.9", "23456", "3")
+    assert "--gradient_accumulation_steps 4 " in resolved["upstream_args"]  # 128 / (4 x 2 x 4)
+    half = {"WORLD_SIZE": "4", "MASTER_ADDR": "10.0.0.9", "RANK": "3"}  # no NPROC_PER_NODE, no MASTER_PORT
+    command, _ = dry_run("finetune_regate.sh", args=["2", "8", "1", "--dry-run"], GPUS=None, **half)
+    assert launch(command) == ("2", "8", "10.0.0.9", "16666", "1")
+    command, _ = dry_run("finetune_regate.sh", args=["--dry-run"], NODES="2", GPUS="4", NODE_RANK="1", **cluster)
+    assert launch(command) == ("2", "4", "10.0.0.9", "23456", "1")
+
+
+def test_bad_arguments_are_refused():
+    for args, message in ((["--dry-run", "--foo"], "unexpected argument '--foo'"), (["two", "--dry-run"], "'two'"),
+                          (["1", "8", "0", "5", "--dry-run"], "too many arguments")):
+        done = dry_run("finetune_regate.sh", expect_ok=False, args=args)
+        assert done.returncode == 2 and message in done.stderr and not done.stdout, args
+
+
+def test_score_runs_on_one_node():
+    command, _ = dry_run("score_reference.sh", args=["1", "2", "--dry-run"], GPUS=None)
+    assert command.startswith("command: torchrun --nproc_per_node 2 -m regate_plugin score ")
+    done = dry_run("score_reference.sh", expect_ok=False, args=["2", "8", "--dry-run"], GPUS=None)
+    assert done.returncode == 2 and "runs on one node" in done.stderr and not done.stdout
+
+
+def test_readme_installs_from_a_checkout():
+    readme = (RECIPES / "README.md").read_text()
+    assert 'pip install -e "/path/to/regate-plugin[flash]"' in readme and "git+file:///path/to/regate-plugin" in readme
+    assert 'pip install "regate-plugin[flash]"' not in readme  # not on a registry

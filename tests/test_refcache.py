@@ -6,6 +6,7 @@ inputs (after clamping at the fp16 maximum), numpy cumsum for offsets, hashlib f
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -21,6 +22,8 @@ from regate_plugin.refcache import (
     RefCache,
     RefCacheError,
     RefCacheWriter,
+    SampleDigests,
+    samples_fingerprint,
     write_cache,
 )
 
@@ -140,7 +143,7 @@ def check_cache_contents(cache: RefCache, samples: list, path: Path) -> None:
     assert (path / "offsets.i64").read_bytes() == offsets.astype("<i8").tobytes()
     meta = json.loads((path / "meta.json").read_text())
     assert meta["format"] == "regate-refcache"
-    assert meta["version"] == 1
+    assert meta["version"] == 2
     assert meta["num_samples"] == len(samples)
     assert meta["num_units"] == int(counts.sum())
     assert meta["fingerprint"] == {
@@ -149,6 +152,7 @@ def check_cache_contents(cache: RefCache, samples: list, path: Path) -> None:
         "teacher": FP.teacher,
         "visual_tokens": FP.visual_tokens,
         "max_length": FP.max_length,
+        "samples": "",
     }
     for name, data in (("losses.f16", flat.tobytes()), ("offsets.i64", offsets.astype("<i8").tobytes())):
         assert meta["files"][name] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -332,7 +336,8 @@ def test_damaged_shard_is_not_done_and_is_rewritten(tmp_path, samples, baseline,
 
     resumed.write_shard(target, samples[target.start : target.stop])
     assert resumed.is_done(target)
-    counts, losses = resumed.read_shard(target)
+    counts, digests, losses = resumed.read_shard(target)
+    assert digests is None  # FP has no samples field: no digests recorded
     refs = [expected_fp16(x) for x in samples[target.start : target.stop]]
     assert counts.tolist() == [r.size for r in refs]
     assert losses.tobytes() == np.concatenate(refs).tobytes()
@@ -490,8 +495,8 @@ def test_open_rejects_json_meta_that_is_not_a_cache_record(cache_path, content):
 @pytest.mark.parametrize(
     "field, value, found",
     [
-        ("format", "other-cache", "'other-cache' v1"),
-        ("version", 2, "'regate-refcache' v2"),
+        ("format", "other-cache", "'other-cache' v2"),
+        ("version", 3, "'regate-refcache' v3"),
         ("version", "1", "'regate-refcache' v'1'"),
     ],
 )
@@ -499,7 +504,7 @@ def test_open_rejects_wrong_format_or_version(cache_path, field, value, found):
     meta = json.loads((cache_path / "meta.json").read_text())
     meta[field] = value
     (cache_path / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(CorruptCacheError, match="is not a regate-refcache v1 cache") as info:
+    with pytest.raises(CorruptCacheError, match="is not a regate-refcache v2 cache") as info:
         RefCache.open(cache_path)
     assert f"found {found}" in str(info.value)
 
@@ -571,3 +576,136 @@ def test_writer_rejects_bad_sizes(tmp_path):
     with pytest.raises(ValueError):
         RefCacheWriter(tmp_path / "c", FP, 3, shard_size=0)
     assert not (tmp_path / "c.partial").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# 6. per-sample digests
+
+
+def digests_for(n: int, seed: int = 3) -> np.ndarray:
+    digests = np.random.default_rng(seed).integers(0, 2**64, size=n, dtype=np.uint64)
+    digests[0] = 2**64 - 1  # the full unsigned range survives
+    return digests
+
+
+def with_samples(digests: np.ndarray) -> Fingerprint:
+    return dataclasses.replace(FP, samples=hashlib.sha256(digests.astype("<u8").tobytes()).hexdigest()[:16])
+
+
+def test_digests_round_trip_for_every_shard_size(tmp_path, samples):
+    digests = digests_for(len(samples))
+    fp = with_samples(digests)
+    assert samples_fingerprint(digests) == fp.samples
+    written = {}
+    for size in (1, 4, 1000):
+        path = tmp_path / f"cache-{size}"
+        cache = write_cache(path, fp, samples, shard_size=size, digests=digests)
+        assert cache.digests.tolist() == digests.tolist()
+        written[size] = {name: (path / name).read_bytes() for name in (*FILES, "digests.u64")}
+    assert written[1] == written[4] == written[1000]
+    data = written[1]["digests.u64"]
+    assert data == digests.astype("<u8").tobytes()
+    meta = json.loads(written[1]["meta.json"])
+    assert meta["files"]["digests.u64"] == {"bytes": 8 * len(samples), "sha256": hashlib.sha256(data).hexdigest()}
+    assert RefCache.open(tmp_path / "cache-4", expect=fp).digests.tolist() == digests.tolist()
+
+
+def test_cache_without_samples_field_records_no_digests(cache_path):
+    assert RefCache.open(cache_path).digests is None
+    assert not (cache_path / "digests.u64").exists()
+
+
+@pytest.mark.parametrize("damage", ["flip", "cut"])
+def test_damaged_digests_file_is_refused(tmp_path, samples, damage):
+    digests = digests_for(len(samples))
+    path = tmp_path / "cache"
+    write_cache(path, with_samples(digests), samples, digests=digests)
+    data = bytearray((path / "digests.u64").read_bytes())
+    if damage == "flip":
+        data[13] ^= 0x01
+        match = "digests.u64 does not match its SHA-256"
+    else:
+        data = data[:-8]
+        match = rf"digests.u64 has {len(data)} bytes, expected {len(data) + 8}"
+    (path / "digests.u64").write_bytes(bytes(data))
+    with pytest.raises(CorruptCacheError, match=match):
+        RefCache.open(path)
+
+
+def test_finalize_refuses_digests_that_do_not_match_the_samples_field(tmp_path, samples):
+    digests = digests_for(len(samples))
+    fp = with_samples(digests)
+    other = digests.copy()
+    other[17] += np.uint64(1)  # the dataset returned another sample 17 while scoring
+    with pytest.raises(RefCacheError, match="do not match the fingerprint's samples field"):
+        write_cache(tmp_path / "cache", fp, samples, shard_size=4, digests=other)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_write_shard_wants_digests_exactly_when_the_fingerprint_has_samples(tmp_path):
+    digests = digests_for(4)
+    with_digests = RefCacheWriter(tmp_path / "a", with_samples(digests), 4, shard_size=2)
+    shard = with_digests.shards()[0]
+    with pytest.raises(ValueError, match="pass each sample's target digest"):
+        with_digests.write_shard(shard, [[1.0], [2.0]])
+    with pytest.raises(ValueError, match="covers 2 samples, got 3 digests"):
+        with_digests.write_shard(shard, [[1.0], [2.0]], digests[:3])
+    without = RefCacheWriter(tmp_path / "b", FP, 4, shard_size=2)
+    with pytest.raises(ValueError, match="records no digests"):
+        without.write_shard(shard, [[1.0], [2.0]], digests[:2])
+    with_digests.write_shard(shard, [[1.0], [2.0]], digests[:2])
+    counts, got, losses = with_digests.read_shard(shard)
+    assert counts.tolist() == [1, 1] and got.tolist() == digests[:2].tolist() and losses.tolist() == [1.0, 2.0]
+
+
+def test_sample_mismatch_names_the_first_changed_sample_and_its_cause(tmp_path):
+    per_sample = [[1.0, 2.0], [3.0], [4.0, 5.0, 6.0], []]
+    digests = digests_for(4)
+    cache = write_cache(tmp_path / "cache", with_samples(digests), per_sample, digests=digests)
+    counts = np.array([2, 1, 3, 0])
+    assert cache.sample_mismatch(SampleDigests(counts, digests.copy())) is None
+    tokens = digests.copy()
+    tokens[2] += np.uint64(1)
+    assert cache.sample_mismatch(SampleDigests(counts, tokens)) == (
+        "sample 2 has as many supervised tokens as the reference cache (3) but other token ids (tokens changed)"
+    )
+    more = counts.copy()
+    more[1] = 2
+    assert cache.sample_mismatch(SampleDigests(more, tokens)) == (
+        "sample 1 has 2 supervised tokens but the reference cache holds 1 (token count changed)"
+    )
+    assert cache.sample_mismatch(SampleDigests(counts[:3], digests[:3])) == "the dataset has 3 samples, the reference cache 4"
+    lines = cache.differences(dataclasses.replace(cache.fingerprint, samples="x", teacher="t2"), SampleDigests(counts, tokens))
+    assert lines == [f"teacher: cache has {FP.teacher!r}, this run has 't2'", cache.sample_mismatch(SampleDigests(counts, tokens))]
+
+
+def test_cache_from_an_older_version_says_rebuild(cache_path):
+    meta = json.loads((cache_path / "meta.json").read_text())
+    (cache_path / "meta.json").write_text(json.dumps({**meta, "version": 1}))
+    with pytest.raises(CorruptCacheError, match=r"v1 cache from an older regate-plugin .* rebuild it with `regate score`"):
+        RefCache.open(cache_path)
+
+
+def test_partial_from_an_older_version_is_refused(tmp_path):
+    path = tmp_path / "cache"
+    RefCacheWriter(path, FP, 3, shard_size=2)
+    progress = tmp_path / "cache.partial" / "progress.json"
+    old = {k: v for k, v in json.loads(progress.read_text()).items() if k != "version"}
+    progress.write_text(json.dumps(old))
+    with pytest.raises(CacheMismatchError, match=r"another regate-plugin version \(format v1, this one v2\).*delete"):
+        RefCacheWriter(path, FP, 3, shard_size=2)
+    progress.write_text("{not json")
+    with pytest.raises(CorruptCacheError, match="progress.json is unreadable"):
+        RefCacheWriter(path, FP, 3, shard_size=2)
+
+
+def test_partial_for_another_setup_names_each_differing_setting(tmp_path):
+    path = tmp_path / "cache"
+    RefCacheWriter(path, FP, 10, shard_size=4)
+    other = dataclasses.replace(FP, teacher="teacher-13b")
+    with pytest.raises(CacheMismatchError) as refused:
+        RefCacheWriter(path, other, 10, shard_size=5)
+    message = str(refused.value)
+    assert "shard_size: partial run has 4, this run has 5" in message
+    assert "teacher: partial run has 'teacher-7b', this run has 'teacher-13b'" in message
+    assert "num_samples" not in message and "\n" not in message

@@ -1,30 +1,44 @@
 """The teacher pass: values, the CLI, torchrun, kill-and-resume, and refusals before any compute."""
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from transformers import LlamaForCausalLM
 
-from regate_plugin import cli
-from regate_plugin.refcache import CacheMismatchError, RefCache
+from regate_plugin import BatchError, ReGATEConfig, ReGATEEngine, cli
+from regate_plugin.refcache import CacheMismatchError, RefCache, RefCacheWriter
 from regate_plugin.scoring import load_teacher, score_dataset
+from regate_plugin.teacher import teacher_fingerprint
 from regate_plugin.units import IGNORE_INDEX
 
 import score_assets
 from score_assets import train_dataset, write_student_and_teacher
-from tiny_hf import LLAVA_IMAGE_ID, PAD_ID
+from tiny_hf import LLAVA_IMAGE_ID, PAD_ID, TEXT_HI, TEXT_LO, collate, tiny_samples
 
 hf = pytest.importorskip("regate_plugin.patches.hf")
 TESTS = Path(__file__).parent
 CACHE_FILES = ("losses.f16", "offsets.i64", "meta.json")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def digest_memo_home(tmp_path_factory):
+    """The teacher's file-digest memo goes to a test folder, not ~/.cache (subprocesses inherit it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        home = tmp_path_factory.mktemp("regate-cache-home")
+        patch.setenv("REGATE_CACHE_HOME", str(home))
+        yield home
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +59,34 @@ def run_subprocess(args, **kwargs):
 
 def cache_bytes(path):
     return {name: (Path(path) / name).read_bytes() for name in CACHE_FILES}
+
+
+def one_error_line(result):
+    """A CLI refusal: one `Error:` line, the last of the output, and no traceback."""
+    assert "Traceback" not in result.output
+    last = result.output.rstrip().splitlines()[-1]
+    assert last.startswith("Error: ") and sum(line.startswith("Error:") for line in result.output.splitlines()) == 1
+    return last
+
+
+@pytest.fixture
+def no_teacher_load(monkeypatch):
+    """Every refusal must come before the teacher loads."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before the check")
+
+    monkeypatch.setattr("regate_plugin.scoring.load_teacher", refuse)
+
+
+@pytest.fixture
+def no_dataset(monkeypatch):
+    """Refusals about --teacher and --out come before the dataset is even built."""
+
+    def refuse():
+        raise AssertionError("the dataset was built before the check")
+
+    monkeypatch.setattr(score_assets, "train_dataset", refuse)
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +170,7 @@ def test_sigkill_then_rerun_is_byte_identical_and_never_half_written(tmp_path, a
     proc = run_subprocess(args)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
+    assert f"resuming: {len(done)} of 5 shards done" in output
     assert cache_bytes(out) == cache_bytes(reference_cache)
     assert not partial.exists()
 
@@ -136,8 +179,8 @@ def test_teacher_with_another_tokenizer_is_refused_before_any_compute(tmp_path):
     student, teacher = write_student_and_teacher(tmp_path, teacher_tokenizer_rename=77)
     out = tmp_path / "cache"
     result = CliRunner().invoke(cli.main, score_cli(out, student, teacher))
-    assert result.exit_code != 0
-    assert "another tokenizer" in str(result.exception)
+    assert result.exit_code == 1
+    assert one_error_line(result).startswith("Error: the teacher at") and "another tokenizer" in result.output
     assert not out.exists() and not (tmp_path / "cache.partial").exists()
 
 
@@ -145,7 +188,8 @@ def test_changed_dataset_is_refused_before_any_compute(tmp_path, monkeypatch, as
     student, teacher = assets
     monkeypatch.setattr(score_assets, "NUM_SAMPLES", 20)  # the dataset changed since scoring
     result = CliRunner().invoke(cli.main, score_cli(reference_cache, student, teacher))
-    assert isinstance(result.exception, CacheMismatchError) and "dataset: cache has 'tiny|n=24" in str(result.exception)
+    assert result.exit_code == 1 and "dataset: cache has 'tiny|n=24" in one_error_line(result)
+    assert "the dataset has 20 samples, the reference cache 24" in result.output
     source = hf.HFScoringSource(train_dataset(), str(student), "tiny")
     with pytest.raises(CacheMismatchError, match="dataset"):
         RefCache.open(reference_cache, expect=source.expected())
@@ -169,7 +213,7 @@ def online_engine(student, teacher_dir):
     source = hf.HFScoringSource(train_dataset(), str(student), "tiny")
     teacher = load_teacher(str(teacher_dir), torch.device("cpu"), torch.float32)
     config = ReGATEConfig(warmup=1, cycle=2, dense_steps=1, keep_ratio=0.5)
-    return ReGATEEngine(config, OnlineRefCache(source, teacher, progress=False)), source
+    return ReGATEEngine(config, OnlineRefCache(source, teacher)), source
 
 
 def test_online_cache_scores_on_first_sight_like_the_offline_pass(assets, reference_cache):
@@ -180,6 +224,7 @@ def test_online_cache_scores_on_first_sight_like_the_offline_pass(assets, refere
     online, _ = online_engine(student, teacher_dir)
     offline = ReGATEEngine(online.config, RefCache.open(reference_cache))
     assert torch.equal(online.ema.offsets, offline.ema.offsets)
+    assert np.array_equal(online.refcache.digests, offline.refcache.digests)  # checked per micro-batch alike
     assert torch.isnan(online.ema.values).all()
     data = train_dataset()
     for step, ids in enumerate([[0, 5, 7], [5, 11, 2], [0, 23, 7]]):
@@ -238,3 +283,189 @@ def test_online_cache_shares_new_scores_across_ranks(tmp_path, assets):
     for s in (1, 2, 3, 9, 4, 10):
         expected[int(engine.ema.offsets[s]) : int(engine.ema.offsets[s + 1])] = True
     assert torch.equal(seen, expected)
+
+
+def test_cache_records_a_digest_of_every_samples_targets(reference_cache):
+    """8 bytes a sample: BLAKE2b of the supervised target ids (labels[j + 1] where supervised), in order."""
+    cache = RefCache.open(reference_cache)
+    expected = []
+    for sample in train_dataset():
+        targets = sample["labels"][1:][sample["labels"][1:] != IGNORE_INDEX].numpy().astype("<i8")
+        expected.append(int.from_bytes(hashlib.blake2b(targets.tobytes(), digest_size=8).digest(), "little"))
+    assert cache.digests.tolist() == expected
+    data = (reference_cache / "digests.u64").read_bytes()
+    meta = json.loads((reference_cache / "meta.json").read_text())
+    assert meta["files"]["digests.u64"] == {"bytes": 8 * 24, "sha256": hashlib.sha256(data).hexdigest()}
+    assert meta["fingerprint"]["samples"] == hashlib.sha256(data).hexdigest()[:16]
+
+
+def retrain(teacher_dir, out_dir):
+    """The same architecture, dtype and file sizes, other weights: a retrained teacher on disk."""
+    model = LlamaForCausalLM.from_pretrained(teacher_dir)
+    with torch.no_grad():
+        model.model.norm.weight.add_(0.25)
+    model.save_pretrained(out_dir)
+    score_assets.tokenizer().save_pretrained(out_dir)
+
+
+def test_retrained_teacher_of_the_same_shape_is_refused(tmp_path, assets, reference_cache, no_teacher_load):
+    student, teacher = assets
+    retrained = tmp_path / "teacher"
+    retrain(teacher, retrained)
+    sizes = lambda folder: sorted((p.name, p.stat().st_size) for p in folder.iterdir())  # noqa: E731
+    assert sizes(retrained) == sizes(teacher)  # names and sizes alone cannot tell them apart
+    assert teacher_fingerprint(str(retrained)) != teacher_fingerprint(str(teacher))
+    result = CliRunner().invoke(cli.main, score_cli(reference_cache, student, retrained))
+    assert result.exit_code == 1 and "already complete" not in result.output
+    line = one_error_line(result)
+    recorded = RefCache.open(reference_cache).fingerprint.teacher
+    assert f"teacher: cache has {recorded!r}, this run has {teacher_fingerprint(str(retrained))!r}" in line
+    assert line.endswith("use a new --out or delete it")
+
+
+NUM_BIG = 80  # more samples than the dataset field's probe reads (64)
+UNPROBED = sorted(set(range(NUM_BIG)) - {round(i * (NUM_BIG - 1) / 63) for i in range(64)})
+
+
+@pytest.fixture(scope="module")
+def big_cache(tmp_path_factory, assets):
+    student, teacher = assets
+    out = tmp_path_factory.mktemp("big") / "cache"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(score_assets, "NUM_SAMPLES", NUM_BIG)
+        result = CliRunner().invoke(cli.main, score_cli(out, student, teacher))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def edited_dataset(index, keep_count):
+    """The big cache's samples with one answer token of sample ``index`` replaced (same count of
+    supervised tokens), or its first answer token made unsupervised (one fewer)."""
+    data = tiny_samples("llava", NUM_BIG, seed=5)
+    sample = data[index]
+    answer = (sample["labels"] != IGNORE_INDEX).nonzero().flatten()
+    if keep_count:
+        j = int(answer[-2])  # an answer word, not the EOS
+        other = TEXT_LO + (int(sample["labels"][j]) - TEXT_LO + 1) % (TEXT_HI - TEXT_LO)
+        sample["labels"][j] = sample["input_ids"][j] = other
+    else:
+        sample["labels"][int(answer[0])] = IGNORE_INDEX
+    return data
+
+
+def refusals(monkeypatch, student, teacher, cache, data, index):
+    """What `regate inspect --target`, `regate score` and the training engine say about ``data``."""
+    monkeypatch.setattr(score_assets, "train_dataset", lambda: data)
+    inspect = CliRunner().invoke(cli.main, ["inspect", str(cache), "--target", "hf", "--", "--dataset",
+                                            "score_assets:train_dataset", "--student", str(student), "--dataset-id", "tiny"])
+    assert inspect.exit_code == 1
+    score = CliRunner().invoke(cli.main, score_cli(cache, student, teacher))
+    engine = ReGATEEngine(ReGATEConfig(), RefCache.open(cache))
+    others = [i for i in range(3) if i != index]
+    fine = collate("llava", [data[i] for i in others])
+    engine.plan(fine["labels"], fine["attention_mask"], torch.tensor(others))  # untouched samples pass
+    batch = collate("llava", [data[i] for i in [*others, index]])
+    with pytest.raises(BatchError) as refused:
+        engine.plan(batch["labels"], batch["attention_mask"], torch.tensor([*others, index]))
+    return inspect.output, one_error_line(score), str(refused.value)
+
+
+def test_a_changed_sample_the_probe_misses_is_refused_by_open_inspect_score_and_training(
+    monkeypatch, assets, big_cache, no_teacher_load
+):
+    student, teacher = assets
+    index = UNPROBED[-1]
+    data = edited_dataset(index, keep_count=True)
+    source = hf.HFScoringSource(data, str(student), "tiny")
+    RefCache.open(big_cache, expect=source.expected())  # the start-up probe cannot see it: the engine must
+    with pytest.raises(CacheMismatchError, match="samples: cache has"):
+        RefCache.open(big_cache, expect={**source.expected(), "samples": source.fingerprint.samples})
+    count = int(RefCache.open(big_cache).counts()[index])
+    cause = f"sample {index} has as many supervised tokens as the reference cache ({count}) but other token ids (tokens changed)"
+    inspect, score, training = refusals(monkeypatch, student, teacher, big_cache, data, index)
+    assert cause in inspect
+    assert cause in score and score.endswith("use a new --out or delete it")
+    assert training.startswith(cause + " in this micro-batch")
+
+
+def test_a_changed_token_count_is_named_as_such(monkeypatch, assets, big_cache, no_teacher_load):
+    student, teacher = assets
+    index = UNPROBED[-2]
+    count = int(RefCache.open(big_cache).counts()[index])
+    data = edited_dataset(index, keep_count=False)
+    cause = f"sample {index} has {count - 1} supervised tokens but the reference cache holds {count} (token count changed)"
+    inspect, score, training = refusals(monkeypatch, student, teacher, big_cache, data, index)
+    assert cause in inspect and cause in score
+    assert training.startswith(cause + " in this micro-batch")
+
+
+@pytest.mark.parametrize(
+    "teacher, says",
+    [
+        ("./base-lm", "no such folder, and not a hub id (org/name); check the path"),
+        ("base-org/base-lm", "the hub id is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"),
+        ("empty", "the folder holds no config.json and weight files"),
+    ],
+)
+def test_teacher_that_is_no_model_is_refused_at_once(tmp_path, monkeypatch, assets, no_dataset, no_teacher_load, teacher, says):
+    student, _ = assets
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(cli.main, score_cli(tmp_path / "cache", student, teacher))
+    assert result.exit_code == 1
+    line = one_error_line(result)
+    assert line.startswith(f"Error: --teacher {teacher}: ") and says in line
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "cache.partial").exists()
+
+
+def flip_losses_byte(out):
+    data = bytearray((out / "losses.f16").read_bytes())
+    data[len(data) // 2] ^= 0x10
+    (out / "losses.f16").write_bytes(bytes(data))
+
+
+def older_version(out):
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps({**meta, "version": 1}))
+
+
+def not_a_cache(out):
+    shutil.rmtree(out)
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+
+
+@pytest.mark.parametrize("damage, says", [(flip_losses_byte, "SHA-256"), (older_version, "v1 cache from an older"),
+                                          (not_a_cache, "exists and is not a reference cache")])
+def test_out_holding_a_corrupt_old_or_foreign_folder_says_use_a_new_out(
+    tmp_path, assets, reference_cache, no_dataset, no_teacher_load, damage, says
+):
+    student, teacher = assets
+    out = tmp_path / "cache"
+    shutil.copytree(reference_cache, out)
+    damage(out)
+    result = CliRunner().invoke(cli.main, score_cli(out, student, teacher))
+    assert result.exit_code == 1
+    line = one_error_line(result)
+    assert line.startswith(f"Error: --out {out} ") and says in line and line.endswith("use a new --out or delete it")
+
+
+def test_partial_run_with_another_shard_size_is_named_then_resumed(tmp_path, monkeypatch, assets, reference_cache):
+    student, teacher = assets
+    out = tmp_path / "cache"
+    source = hf.HFScoringSource(train_dataset(), str(student), "tiny", teacher=str(teacher))
+    scored = RefCache.open(reference_cache)
+    writer = RefCacheWriter(out, source.fingerprint, len(source), shard_size=5)
+    first = writer.shards()[0]
+    writer.write_shard(first, [scored.sample(i) for i in range(first.start, first.stop)], scored.digests[first.start : first.stop])
+    with monkeypatch.context() as patch:
+        patch.setattr("regate_plugin.scoring.load_teacher", lambda *a: pytest.fail("the teacher loaded"))
+        result = CliRunner().invoke(cli.main, score_cli(out, student, teacher, "--shard-size", "7"))
+    line = one_error_line(result)
+    assert "shard_size: partial run has 5, this run has 7" in line and "rerun the original command to finish it" in line
+    result = CliRunner().invoke(cli.main, score_cli(out, student, teacher))
+    assert result.exit_code == 0, result.output
+    assert "resuming: 1 of 5 shards done" in result.output
+    assert cache_bytes(out) == cache_bytes(reference_cache)

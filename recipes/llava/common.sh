@@ -1,5 +1,5 @@
 # Shared settings of the LLaVA-1.5 recipes: every path and size comes from the environment.
-# Sourced by the other scripts; run them from your LLaVA checkout (./playground/data as upstream).
+# Sourced by the other scripts with their arguments; run them from your LLaVA checkout (./playground/data as upstream).
 # shellcheck shell=bash
 
 # shellcheck disable=SC2034  # RECIPES and DATA_ARGS are used by the scripts that source this file
@@ -47,13 +47,19 @@ launcher() {
     printf '%s\n' "${launch[@]}"
 }
 
-run_train() {
-    # run_train [--dry-run] UPSTREAM_ARGS...: regate train with ReGATE on (or off: REGATE=0).
-    local dry_run=0
-    if [[ "${1:-}" == "--dry-run" ]]; then
-        dry_run=1
-        shift
+# --dry-run anywhere among a script's arguments; the others are added to upstream's arguments.
+DRY_RUN=0
+EXTRA_ARGS=()
+for _arg in "$@"; do
+    if [[ "$_arg" == "--dry-run" ]]; then
+        DRY_RUN=1
+    else
+        EXTRA_ARGS+=("$_arg")
     fi
+done
+
+run_train() {
+    # run_train UPSTREAM_ARGS...: regate train with ReGATE on (or off: REGATE=0); DRY_RUN=1 prints it.
     local mode=(--regate --ref-cache "$REF_CACHE" "${REGATE_ARGS[@]}")
     if [[ "$REGATE" == "0" ]]; then
         mode=(--no-regate)
@@ -61,7 +67,7 @@ run_train() {
     local launch
     mapfile -t launch < <(launcher)
     local cmd=("${launch[@]}" train --target llava "${mode[@]}" -- "$@")
-    if (( dry_run )); then
+    if (( DRY_RUN )); then
         printf 'command:'
         printf ' %q' "${cmd[@]}"
         printf '\n'

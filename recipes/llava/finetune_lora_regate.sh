@@ -4,10 +4,10 @@
 # Usage: [GPUS=8 NODES=1 MODEL=... OUTPUT_DIR=...] bash finetune_lora_regate.sh [--dry-run]
 set -euo pipefail
 # shellcheck source=common.sh
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh" "$@"
 OUTPUT_DIR=${OUTPUT_DIR:-./checkpoints/llava-v1.5-7b-lora-regate}
 
-run_train "$@" \
+run_train "${EXTRA_ARGS[@]}" \
     --lora_enable True --lora_r 128 --lora_alpha 256 --mm_projector_lr 2e-5 \
     --deepspeed "${DEEPSPEED_CONFIG:-$RECIPES/zero3.json}" \
     "${DATA_ARGS[@]}" \

@@ -4,10 +4,10 @@
 # Usage: [GPUS=8 NODES=1 HOSTFILE=... MODEL=... OUTPUT_DIR=...] bash finetune_regate.sh [--dry-run]
 set -euo pipefail
 # shellcheck source=common.sh
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh" "$@"
 OUTPUT_DIR=${OUTPUT_DIR:-./checkpoints/llava-v1.5-7b-regate}
 
-run_train "$@" \
+run_train "${EXTRA_ARGS[@]}" \
     --deepspeed "${DEEPSPEED_CONFIG:-$RECIPES/zero3.json}" \
     "${DATA_ARGS[@]}" \
     --pretrain_mm_mlp_adapter "$PRETRAIN_ADAPTER" \

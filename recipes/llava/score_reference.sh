@@ -3,15 +3,15 @@
 # Usage: [GPUS=8 MODEL=... DATA_PATH=...] bash score_reference.sh [--dry-run]
 set -euo pipefail
 # shellcheck source=common.sh
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh" "$@"
 
 cmd=(torchrun --nproc_per_node "$GPUS" -m regate_plugin score --target llava --teacher "$MODEL" --out "$REF_CACHE"
-     --batch-size "${SCORE_BATCH:-16}" -- "${DATA_ARGS[@]}" --output_dir "${OUTPUT_DIR:-./checkpoints/llava-v1.5-7b-regate}")
-if [[ "${1:-}" == "--dry-run" ]]; then
+     --batch-size "${SCORE_BATCH:-16}" -- "${DATA_ARGS[@]}")
+if (( DRY_RUN )); then
     printf 'command:'
     printf ' %q' "${cmd[@]}"
     printf '\n'
     exit 0
 fi
 "${cmd[@]}"
-regate inspect "$REF_CACHE"
+regate inspect "$REF_CACHE" --target llava -- "${DATA_ARGS[@]}"

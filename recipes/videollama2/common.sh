@@ -1,9 +1,42 @@
 # Shared settings of the VideoLLaMA2 recipes: every path and size comes from the environment.
-# Sourced by the other scripts; run them from your VideoLLaMA2 checkout (as upstream's scripts/).
+# Sourced by the other scripts with their arguments; run them from your VideoLLaMA2 checkout (as
+# upstream's scripts/).
 # shellcheck shell=bash
 
 # shellcheck disable=SC2034  # the scripts that source this file use these
 RECIPES=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+# The arguments, as upstream's scripts/custom/*.sh take them: [NODES [GPUS_PER_NODE [NODE_RANK]]]
+# (upstream's ARG_WORLD_SIZE, ARG_NPROC_PER_NODE, ARG_RANK), and --dry-run anywhere among them.
+DRY_RUN=0
+_positional=()
+for _arg in "$@"; do
+    case "$_arg" in
+        --dry-run) DRY_RUN=1 ;;
+        *[!0-9]* | "")
+            echo "unexpected argument '$_arg': the recipes take [NODES [GPUS_PER_NODE [NODE_RANK]]] and --dry-run" >&2
+            exit 2
+            ;;
+        *) _positional+=("$_arg") ;;
+    esac
+done
+if (( ${#_positional[@]} > 3 )); then
+    echo "too many arguments (${_positional[*]}): the recipes take [NODES [GPUS_PER_NODE [NODE_RANK]]] and --dry-run" >&2
+    exit 2
+fi
+# As upstream: the cluster's WORLD_SIZE (nodes) and NPROC_PER_NODE when both are set, and its RANK (this
+# node) when MASTER_ADDR, MASTER_PORT and RANK are all set, take the place of the arguments. NODES,
+# GPUS and NODE_RANK, when set, win over both.
+_nodes=${_positional[0]:-1}
+_gpus=${_positional[1]:-8}
+_rank=${_positional[2]:-0}
+if [[ -n "${WORLD_SIZE:-}" && -n "${NPROC_PER_NODE:-}" ]]; then
+    _nodes=$WORLD_SIZE
+    _gpus=$NPROC_PER_NODE
+fi
+if [[ -n "${MASTER_ADDR:-}" && -n "${MASTER_PORT:-}" && -n "${RANK:-}" ]]; then
+    _rank=$RANK
+fi
 
 # The model: VARIANT picks upstream's recipe, each setting can still be overridden.
 VARIANT=${VARIANT:-qwen2-16f}
@@ -43,9 +76,9 @@ DATA_PATH=${DATA_PATH:-$DATA_DIR/videollava_sft/videochatgpt_llavaimage_tune.jso
 DATA_FOLDER=${DATA_FOLDER:-$DATA_DIR/videollava_sft/}
 OUTP_DIR=${OUTP_DIR:-work_dirs}
 REF_CACHE=${REF_CACHE:-$OUTP_DIR/refcache-videollama2-$VARIANT}
-GPUS=${GPUS:-8}                 # per node
-NODES=${NODES:-1}
-NODE_RANK=${NODE_RANK:-0}
+GPUS=${GPUS:-$_gpus}            # per node
+NODES=${NODES:-$_nodes}
+NODE_RANK=${NODE_RANK:-$_rank}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-16666}
 GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-128}
@@ -108,12 +141,7 @@ launcher() {
 }
 
 run_train() {
-    # run_train [--dry-run] UPSTREAM_ARGS...: regate train with ReGATE on (or off: REGATE=0).
-    local dry_run=0
-    if [[ "${1:-}" == "--dry-run" ]]; then
-        dry_run=1
-        shift
-    fi
+    # run_train UPSTREAM_ARGS...: regate train with ReGATE on (or off: REGATE=0); DRY_RUN=1 prints it.
     local mode=(--regate --ref-cache "$REF_CACHE" "${REGATE_ARGS[@]}")
     if [[ "$REGATE" == "0" ]]; then
         mode=(--no-regate)
@@ -121,7 +149,7 @@ run_train() {
     local launch
     mapfile -t launch < <(launcher)
     local cmd=("${launch[@]}" train --target videollama2 "${mode[@]}" -- "$@")
-    if (( dry_run )); then
+    if (( DRY_RUN )); then
         printf 'command:'
         printf ' %q' "${cmd[@]}"
         printf '\n'

@@ -2,13 +2,16 @@
 # VideoLLaMA2 QLoRA fine-tuning (4-bit, ZeRO-2) with ReGATE: upstream's
 # scripts/custom/finetune_qlora.sh through `regate train`. VARIANT=qwen2-16f (default) or mistral-8f.
 # Needs bitsandbytes (as upstream). REGATE=0 gives the baseline.
-# Usage: [VARIANT=... GPUS=8 NODES=1 MODEL=... OUTPUT_DIR=...] bash finetune_qlora_regate.sh [--dry-run]
+# Usage: [VARIANT=... GPUS=8 NODES=1 MODEL=... OUTPUT_DIR=...] \
+#            bash finetune_qlora_regate.sh [NODES [GPUS_PER_NODE [NODE_RANK]]] [--dry-run]
+# As upstream's: `bash finetune_qlora_regate.sh 2 8 1` on the second of two nodes of 8 GPUs; the cluster's
+# WORLD_SIZE, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT and RANK are read as upstream reads them.
 set -euo pipefail
 # shellcheck source=common.sh
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh" "$@"
 OUTPUT_DIR=${OUTPUT_DIR:-$OUTP_DIR/$WANDB_PROJECT/finetune_${RUN_NAME}_qlora}
 
-run_train "$@" \
+run_train \
     --lora_enable True --lora_r 128 --lora_alpha 256 --mm_projector_lr 2e-5 --bits 4 \
     --deepspeed "${DEEPSPEED_CONFIG:-$RECIPES/zero2.json}" \
     "${DATA_ARGS[@]}" \

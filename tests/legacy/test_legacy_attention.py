@@ -4,6 +4,7 @@ import pytest
 import torch
 import transformers
 
+from regate_plugin.attention import UnsupportedAttention
 from regate_plugin.packing import pack_plan
 from regate_plugin.selection import keep_mask_for
 from regate_plugin.units import IGNORE_INDEX, find_units
@@ -14,9 +15,9 @@ CONFIG = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_l
               num_key_value_heads=2, max_position_embeddings=128)
 
 
-def tiny_llama(attn_implementation):
+def tiny_llama(attn_implementation, **extra):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(**CONFIG)
+    config = transformers.LlamaConfig(**CONFIG, **extra)
     config._attn_implementation = attn_implementation
     return transformers.LlamaForCausalLM(config).float()
 
@@ -85,3 +86,45 @@ def test_unpacked_forwards_and_generation_are_untouched(attn):
                                    reference(input_ids=ids, attention_mask=mask).logits * mask[..., None], atol=1e-6, rtol=0)
         kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
         assert torch.equal(model.generate(ids[:1, :11], **kwargs), reference.generate(ids[:1, :11], **kwargs))
+
+
+def test_attention_dropout_reaches_the_packed_attention(monkeypatch):
+    """The model's attention_dropout is applied in training (0 in eval), as upstream's flash path does."""
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["dropout_p"])
+        return varlen_attention(*args, **kwargs)
+
+    varlen_attention = legacy_attention.varlen_attention
+    monkeypatch.setattr(legacy_attention, "varlen_attention", recording)
+    ids, mask, labels = batch()
+    model = tiny_llama("eager", attention_dropout=0.4)
+    legacy_attention.install(model.model)
+    packed = pack_plan(mask.bool(), labels, find_units(labels, mask))
+    embeds = model.model.embed_tokens(ids).flatten(0, 1)[packed.index][None]
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return legacy_attention.packed_decoder(model.model, embeds, packed.position_ids, packed.cu_seqlens, packed.max_seqlen)
+
+    model.train()
+    first, again, other = run(0), run(0), run(1)
+    assert seen == [0.4] * 6
+    torch.testing.assert_close(first, again, atol=0, rtol=0)
+    assert not torch.allclose(first, other, atol=1e-3)
+    model.eval()
+    run(0)
+    assert seen[6:] == [0.0, 0.0]
+
+
+def test_other_flash_keywords_are_refused():
+    model = tiny_llama("eager").train()
+    legacy_attention.install(model.model)
+    attention = model.model.layers[0].self_attn
+    q = torch.randn(1, 6, 4, 16)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    assert legacy_attention.flash_window(model.config, 0) is None
+    with pytest.raises(UnsupportedAttention, match=r"passes \['softcap'\]"):
+        attention._flash_attention_forward(q, q, q, cu, 6, softcap=30.0)
+    assert attention._flash_attention_forward(q, q, q, cu, 6, dropout=0.0).shape == (1, 6, 4, 16)

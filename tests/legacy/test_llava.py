@@ -1,6 +1,7 @@
 """The llava target on LLaVA's real code (llava-torch 1.2.2.post1, transformers 4.37) with tiny local assets."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,10 +25,30 @@ def assets(tmp_path_factory):
     return llava_assets.build(tmp_path_factory.mktemp("assets"))
 
 
+# torch >= 2.6 loads weights-only by default; resuming must work without this escape hatch
+ENV = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
+RECORDER = Path(__file__).with_name("record_losses.py")
+
+
 def regate(*args, cwd):
-    done = subprocess.run([sys.executable, "-m", "regate_plugin", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "regate_plugin", *args], cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done
+
+
+def recorded_train(losses_json, *args, cwd):
+    """`regate train ARGS` through record_losses.py: every step's exact loss in ``losses_json``."""
+    done = subprocess.run([sys.executable, str(RECORDER), str(losses_json), "train", "--target", "llava", *args],
+                          cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return json.loads(Path(losses_json).read_text())
+
+
+def without(args, flag):
+    """Command-line ``args`` less ``flag`` and its value."""
+    at = args.index(flag)
+    return args[:at] + args[at + 2 :]
 
 
 def history(output_dir, key):
@@ -37,10 +58,31 @@ def history(output_dir, key):
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory, assets):
+    """The teacher pass on the training run's own arguments, less --output_dir (score needs none)."""
     root = tmp_path_factory.mktemp("score")
     regate("score", "--target", "llava", "--teacher", str(assets["llm"]), "--out", str(root / "cache"), "--shard-size", "7",
-           "--no-progress", "--", *llava_assets.llava_args(assets, root / "unused"), cwd=root)
+           "--no-progress", "--", *without(llava_assets.llava_args(assets, root / "unused"), "--output_dir"), cwd=root)
     return root / "cache"
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, assets, cache):
+    """An uninterrupted ReGATE run of STEPS steps (checkpoints at 10 and 20) and its exact losses."""
+    root = tmp_path_factory.mktemp("full")
+    losses = recorded_train(root / "losses.json", "--regate", "--ref-cache", str(cache), *SCHEDULE, "--",
+                            *llava_assets.llava_args(assets, root / "run", steps=STEPS), cwd=root)
+    return root / "run", losses
+
+
+def test_score_arguments_need_no_output_dir(assets):
+    """Upstream's TrainingArguments require --output_dir; the teacher pass reads only the sample arguments,
+    and the same with the training run's full command line (--bf16, --output_dir ...)."""
+    from regate_plugin.patches.llava import LlavaScoringSource
+
+    args = llava_assets.llava_args(assets, Path("unused"))
+    alone = LlavaScoringSource(without(args, "--output_dir"), "")
+    assert alone.expected() == LlavaScoringSource(args, "").expected()
+    assert alone.expected()["max_length"] == 128
 
 
 def test_cache_equals_teacher_on_independently_spliced_samples(assets, cache):
@@ -75,10 +117,8 @@ def test_cache_equals_teacher_on_independently_spliced_samples(assets, cache):
     assert stored.num_units > 200
 
 
-def test_regate_train_runs_upstream_train_with_the_schedule_and_checkpoints(tmp_path, assets, cache):
-    out = tmp_path / "run"
-    regate("train", "--target", "llava", "--regate", "--ref-cache", str(cache), *SCHEDULE, "--",
-           *llava_assets.llava_args(assets, out, steps=STEPS), cwd=tmp_path)
+def test_regate_train_runs_upstream_train_with_the_schedule_and_checkpoints(full_run, cache):
+    out, _ = full_run
     ratios = history(out, "regate/keep_ratio")
     kept, total = history(out, "regate/supervised_kept"), history(out, "regate/supervised_total")
     config = ReGATEConfig(warmup=4, cycle=6, dense_steps=2, keep_ratio=0.5)
@@ -97,14 +137,10 @@ def test_regate_train_runs_upstream_train_with_the_schedule_and_checkpoints(tmp_
 
 
 def test_keep_ratio_one_reproduces_upstream_losses(tmp_path, assets, cache):
-    recorder = Path(__file__).with_name("record_losses.py")
     losses = {}
     for name, flags in (("upstream", ["--no-regate"]), ("dense", ["--ref-cache", str(cache), "--keep-ratio", "1.0"])):
-        done = subprocess.run([sys.executable, str(recorder), str(tmp_path / f"{name}.json"), "train", "--target", "llava",
-                               *flags, "--", *llava_assets.llava_args(assets, tmp_path / name, steps=STEPS)],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-5000:]
-        losses[name] = json.loads((tmp_path / f"{name}.json").read_text())
+        losses[name] = recorded_train(tmp_path / f"{name}.json", *flags, "--",
+                                      *llava_assets.llava_args(assets, tmp_path / name, steps=STEPS), cwd=tmp_path)
     assert len(losses["upstream"]) == len(losses["dense"]) == STEPS
     for step, (expected, got) in enumerate(zip(losses["upstream"], losses["dense"])):
         assert got == pytest.approx(expected, abs=1e-5), step
@@ -114,6 +150,7 @@ def test_keep_ratio_one_reproduces_upstream_losses(tmp_path, assets, cache):
 
 
 def test_cache_for_another_dataset_is_refused_before_training(tmp_path, assets, cache):
+    """As the user sees it: one `Error:` line with the differing fields, no traceback, no Trainer."""
     records = json.loads(Path(assets["data"]).read_text())
     changed = tmp_path / "data.json"
     changed.write_text(json.dumps(records[:-1]))
@@ -121,6 +158,46 @@ def test_cache_for_another_dataset_is_refused_before_training(tmp_path, assets, 
     done = subprocess.run([sys.executable, "-m", "regate_plugin", "train", "--target", "llava", "--ref-cache", str(cache),
                            "--", *llava_assets.llava_args(assets, out, steps=2, **{"--data_path": str(changed)})],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode != 0
-    assert "was built for a different setup" in done.stderr and "dataset: cache has" in done.stderr
-    assert not list(out.glob("checkpoint-*"))
+    assert done.returncode == 1
+    error = done.stderr[done.stderr.index("Error: "):]  # after transformers' import-time warnings
+    assert error.startswith(f"Error: reference cache {cache} was built for a different setup:\n  dataset: cache has ")
+    assert error.endswith("point --ref-cache at the matching cache.\n") and "Traceback" not in done.stderr
+    assert not out.exists()  # the Trainer, which creates it, was never built
+
+
+def test_cache_is_checked_before_upstream_loads_any_weight(tmp_path, assets, cache, monkeypatch):
+    from click.testing import CliRunner
+    from llava.train import train as llava_train
+
+    from regate_plugin import cli
+
+    def upstream_train(*args, **kwargs):
+        raise AssertionError("upstream's train() started: it loads the weights")
+
+    monkeypatch.setattr(llava_train, "train", upstream_train)
+    args = llava_assets.llava_args(assets, tmp_path / "run", steps=2, **{"--model_max_length": "96"})
+    result = CliRunner().invoke(cli.main, ["train", "--target", "llava", "--ref-cache", str(cache), "--", *args])
+    assert result.exit_code == 1 and result.output.startswith(f"Error: reference cache {cache} was built for a different setup")
+    assert "max_length: cache has 128, this run has 96" in result.output
+    result = CliRunner().invoke(cli.main, ["train", "--target", "llava", "--ref-cache", str(tmp_path / "none"), "--", *args])
+    assert result.exit_code == 1 and result.output == f"Error: no reference cache at {tmp_path / 'none'} (missing meta.json).\n"
+
+
+def test_resume_without_torch_force_no_weights_only_load(tmp_path, assets, cache, full_run):
+    """Transformers 4.36-4.37 read rng_state.pth weights-only under torch >= 2.6 and fail on its numpy
+    state; regate train resumes (upstream's train() resumes from the last checkpoint of --output_dir)
+    and continues exactly as the uninterrupted run."""
+    import torch
+
+    out = tmp_path / "run"
+    first = recorded_train(tmp_path / "first.json", "--regate", "--ref-cache", str(cache), *SCHEDULE, "--",
+                           *llava_assets.llava_args(assets, out, steps=10), cwd=tmp_path)
+    resumed = recorded_train(tmp_path / "resumed.json", "--regate", "--ref-cache", str(cache), *SCHEDULE, "--",
+                             *llava_assets.llava_args(assets, out, steps=STEPS), cwd=tmp_path)
+    full_out, full_losses = full_run
+    assert len(first) == len(resumed) == 10
+    assert first + resumed == pytest.approx(full_losses, abs=1e-6)
+    assert history(out, "regate/keep_ratio") == history(full_out, "regate/keep_ratio")
+    state = torch.load(out / f"checkpoint-{STEPS}" / "regate_state.pt", weights_only=True)
+    expected = torch.load(full_out / f"checkpoint-{STEPS}" / "regate_state.pt", weights_only=True)
+    assert state["step"] == STEPS and torch.allclose(state["ema"]["values"], expected["ema"]["values"], atol=1e-6)

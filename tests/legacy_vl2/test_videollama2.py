@@ -31,8 +31,9 @@ BROKEN = 9  # the sample whose video file cannot be read
 # Visual tokens per image or video, by the connector formulas (the target runs the connector itself):
 # stc_connector (T//2+1)*(S//2+1)^2, stc_connector_v35 (T//2)*(S//2)^2; T = 4 frames, S = patches per side.
 VISUAL = {"qwen2": (4 // 2) * (5 // 2) ** 2, "mistral": (4 // 2 + 1) * (4 // 2 + 1) ** 2}
-# One thread: the models are tiny, and OpenMP threads only add start-up and contention here.
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
+# One thread: the models are tiny, and OpenMP threads only add start-up and contention here. Without
+# TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD: torch >= 2.6 loads weights-only by default, and resuming must work so.
+ENV = {**{k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +49,9 @@ def run(*args, cwd, check=True):
     return done
 
 
-def regate_train(out_json, *args, cwd, check=True):
+def regate_train(out_json, *args, cwd):
     """`regate train ...` through run_regate.py, which records every step's exact loss."""
-    return run(HERE / "run_regate.py", out_json, "train", "--target", "videollama2", *args, cwd=cwd, check=check)
+    return run(HERE / "run_regate.py", out_json, "train", "--target", "videollama2", *args, cwd=cwd)
 
 
 def history(output_dir, key):
@@ -68,6 +69,23 @@ def caches(tmp_path_factory, assets, videollama2_src):
             "--shard-size", "7", "--no-progress", "--", *vl2_assets.upstream_args(assets, variant, root / "unused"),
             cwd=videollama2_src)
     return found
+
+
+@pytest.fixture(scope="module")
+def full_runs(tmp_path_factory, assets, caches, videollama2_src):
+    """``full_runs(variant)``: an uninterrupted ReGATE run of STEPS steps (checkpoints at 10 and 20) and
+    its exact losses, run on first use."""
+    done = {}
+
+    def get(variant):
+        if variant not in done:
+            root = tmp_path_factory.mktemp(f"full-{variant}")
+            regate_train(root / "losses.json", "--regate", "--ref-cache", caches[variant], *SCHEDULE, "--",
+                         *vl2_assets.upstream_args(assets, variant, root / "run", steps=STEPS), cwd=videollama2_src)
+            done[variant] = root / "run", json.loads((root / "losses.json").read_text())
+        return done[variant]
+
+    return get
 
 
 def tokenizer_for(assets, variant):
@@ -223,10 +241,8 @@ def test_an_unreadable_video_records_the_index_of_the_sample_returned_instead(as
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_regate_train_runs_upstream_train_with_the_schedule_and_checkpoints(tmp_path, assets, caches, videollama2_src, variant):
-    out = tmp_path / "run"
-    regate_train(tmp_path / "losses.json", "--regate", "--ref-cache", caches[variant], *SCHEDULE, "--",
-                 *vl2_assets.upstream_args(assets, variant, out, steps=STEPS), cwd=videollama2_src)
+def test_regate_train_runs_upstream_train_with_the_schedule_and_checkpoints(caches, full_runs, variant):
+    out, _ = full_runs(variant)
     ratios = history(out, "regate/keep_ratio")
     kept, total = history(out, "regate/supervised_kept"), history(out, "regate/supervised_total")
     config = ReGATEConfig(warmup=4, cycle=6, dense_steps=2, keep_ratio=0.5)
@@ -269,20 +285,52 @@ def test_keep_ratio_one_reproduces_upstream_losses(tmp_path, assets, caches, vid
 
 
 def test_cache_for_another_dataset_is_refused_before_training(tmp_path, assets, caches, videollama2_src):
+    """As the user sees it: one `Error:` line with the differing fields, no traceback, no Trainer."""
     records = json.loads(Path(assets["data"]).read_text())
     changed = tmp_path / "data.json"
     changed.write_text(json.dumps(records[:-1]))
     out = tmp_path / "run"
-    done = regate_train(tmp_path / "losses.json", "--ref-cache", caches["qwen2"], "--",
-                        *vl2_assets.upstream_args(assets, "qwen2", out, steps=2, **{"--data_path": str(changed)}),
-                        cwd=videollama2_src, check=False)
-    assert done.returncode != 0
-    assert "was built for a different setup" in done.stderr and "dataset: cache has" in done.stderr
-    assert not list(out.glob("checkpoint-*"))
+    done = run("-m", "regate_plugin", "train", "--target", "videollama2", "--ref-cache", caches["qwen2"], "--",
+               *vl2_assets.upstream_args(assets, "qwen2", out, steps=2, **{"--data_path": str(changed)}),
+               cwd=videollama2_src, check=False)
+    assert done.returncode == 1
+    error = done.stderr[done.stderr.index("Error: "):]  # after upstream's import-time warnings
+    assert error.startswith(f"Error: reference cache {caches['qwen2']} was built for a different setup:\n  dataset: cache has ")
+    assert error.endswith("point --ref-cache at the matching cache.\n") and "Traceback" not in done.stderr
+    assert not out.exists()  # the Trainer, which creates it, was never built
 
 
-def test_a_cache_for_other_frames_is_refused(tmp_path, assets, caches, videollama2_src):
-    done = regate_train(tmp_path / "losses.json", "--ref-cache", caches["qwen2"], "--",
-                        *vl2_assets.upstream_args(assets, "qwen2", tmp_path / "run", steps=2, **{"--num_frames": "8"}),
-                        cwd=videollama2_src, check=False)
-    assert done.returncode != 0 and "visual_tokens: cache has '4f:8 " in done.stderr and "this run has '8f:16 " in done.stderr
+def test_a_cache_for_other_frames_is_refused_before_upstream_loads_any_weight(tmp_path, assets, caches, videollama2_src,
+                                                                           monkeypatch):
+    from click.testing import CliRunner
+    from videollama2 import train as upstream_train
+
+    from regate_plugin import cli
+
+    def train(*args, **kwargs):
+        raise AssertionError("upstream's train() started: it loads the weights")
+
+    monkeypatch.setattr(upstream_train, "train", train)
+    monkeypatch.chdir(videollama2_src)
+    args = vl2_assets.upstream_args(assets, "qwen2", tmp_path / "run", steps=2, **{"--num_frames": "8"})
+    result = CliRunner().invoke(cli.main, ["train", "--target", "videollama2", "--ref-cache", str(caches["qwen2"]), "--", *args])
+    assert result.exit_code == 1 and result.output.startswith(f"Error: reference cache {caches['qwen2']} was built for a different")
+    assert "visual_tokens: cache has '4f:8 " in result.output and "this run has '8f:16 " in result.output
+
+
+def test_resume_without_torch_force_no_weights_only_load(tmp_path, assets, caches, full_runs, videollama2_src):
+    """Transformers 4.40-4.42 read rng_state.pth weights-only under torch >= 2.6 and fail on its numpy
+    state; regate train resumes (upstream's train() resumes from the last checkpoint of --output_dir)
+    and continues exactly as the uninterrupted run."""
+    out = tmp_path / "run"
+    for steps, name in ((10, "first"), (STEPS, "resumed")):
+        regate_train(tmp_path / f"{name}.json", "--regate", "--ref-cache", caches["qwen2"], *SCHEDULE, "--",
+                     *vl2_assets.upstream_args(assets, "qwen2", out, steps=steps), cwd=videollama2_src)
+    first, resumed = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("first", "resumed"))
+    full_out, full_losses = full_runs("qwen2")
+    assert len(first) == len(resumed) == 10
+    assert first + resumed == pytest.approx(full_losses, abs=1e-6)
+    assert history(out, "regate/keep_ratio") == history(full_out, "regate/keep_ratio")
+    state = torch.load(out / f"checkpoint-{STEPS}" / "regate_state.pt", weights_only=True)
+    expected = torch.load(full_out / f"checkpoint-{STEPS}" / "regate_state.pt", weights_only=True)
+    assert state["step"] == STEPS and torch.allclose(state["ema"]["values"], expected["ema"]["values"], atol=1e-6)

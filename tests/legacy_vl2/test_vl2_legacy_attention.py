@@ -1,13 +1,14 @@
 """The legacy attention shim on real transformers 4.40-4.42 Qwen2 and Mistral classes (VideoLLaMA2's
-language models): packed == per sample, with and without gradient checkpointing; unpacked forwards
-and generation untouched. Needs no upstream source."""
+language models): packed == per sample, with and without gradient checkpointing, sliding windows
+included; unpacked forwards and generation untouched. Needs no upstream source."""
 
 import pytest
 import torch
 import transformers
 
 from regate_plugin.packing import pack_plan
-from regate_plugin.patches import legacy_attention, videollama2
+from regate_plugin.attention import UnsupportedAttention
+from regate_plugin.patches import legacy_attention
 from regate_plugin.selection import keep_mask_for
 from regate_plugin.units import IGNORE_INDEX, find_units
 
@@ -20,10 +21,16 @@ MODELS = {
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=4096)),
     "mistral-v0.2": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=None)),
 }
+# Windows shorter than the samples: Mistral's in every layer, Qwen2's in the layers below max_window_layers.
+WINDOWED = {
+    "mistral-window": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=3)),
+    "qwen2-window": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
+                     dict(sliding_window=3, use_sliding_window=True, max_window_layers=1)),
+}
 
 
 def tiny(kind, attn_implementation):
-    config_cls, model_cls, extra = MODELS[kind]
+    config_cls, model_cls, extra = {**MODELS, **WINDOWED}[kind]
     torch.manual_seed(0)
     config = config_cls(**CONFIG, **extra)
     config._attn_implementation = attn_implementation
@@ -58,7 +65,6 @@ def test_packed_logits_and_gradients_equal_each_sample_alone(kind, attn, reentra
     # Elide every other unit: gaps in the position ids, as on a sparse step.
     keep = keep_mask_for(mask, units, torch.arange(len(units)) % 2 == 0)
     packed = pack_plan(keep, labels, units)
-    videollama2.check_window(model.config, packed)
     embeds = model.model.embed_tokens(ids).flatten(0, 1)[packed.index][None]
     hidden = legacy_attention.packed_decoder(model.model, embeds, packed.position_ids, packed.cu_seqlens, packed.max_seqlen)
     logits = model.lm_head(hidden)[0]
@@ -100,15 +106,80 @@ def test_unpacked_forwards_and_generation_are_untouched(kind, attn):
         assert torch.equal(model.generate(ids[:1, :11], **kwargs), reference.generate(ids[:1, :11], **kwargs))
 
 
-def test_a_sample_longer_than_the_sliding_window_is_refused():
-    _, mask, labels = batch()
+def test_flash_window_per_model_and_layer():
+    """The window of the models' own flash path: window_size=(W, W) with causal, W+1 keys."""
+    assert legacy_attention.flash_window(transformers.MistralConfig(**CONFIG, sliding_window=14), 1) == 15
+    assert legacy_attention.flash_window(transformers.MistralConfig(**CONFIG, sliding_window=None), 0) is None
+    assert legacy_attention.flash_window(transformers.Qwen2Config(**CONFIG, sliding_window=4, use_sliding_window=False), 0) is None
+    qwen2 = transformers.Qwen2Config(**CONFIG, sliding_window=4, use_sliding_window=True, max_window_layers=1)
+    assert [legacy_attention.flash_window(qwen2, i) for i in range(2)] == [5, None]
+
+
+@pytest.mark.parametrize("kind", sorted(WINDOWED))
+@pytest.mark.parametrize("reentrant", [None, True])
+def test_packed_sliding_window_equals_each_sample_alone(kind, reentrant):
+    """Samples longer than the window, with elided units: each layer's window counts the tokens'
+    original columns, as the model's flash path does for the sample alone."""
+    ids, mask, labels = batch()
+    reference, model = tiny(kind, "eager"), tiny(kind, "eager")
+    legacy_attention.install(model.model)
+    for m in (reference, model):
+        if reentrant is not None:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        m.train()
     units = find_units(labels, mask)
-    packed = pack_plan(mask.bool(), labels, units)  # the longest sample has 15 positions
-    windowed = transformers.MistralConfig(**CONFIG, sliding_window=14)
-    with pytest.raises(ValueError, match="exceeds the model's sliding attention window"):
-        videollama2.check_window(windowed, packed)
-    videollama2.check_window(transformers.MistralConfig(**CONFIG, sliding_window=15), packed)
-    videollama2.check_window(transformers.MistralConfig(**CONFIG, sliding_window=None), packed)
-    videollama2.check_window(transformers.Qwen2Config(**CONFIG, sliding_window=4, use_sliding_window=False), packed)
-    with pytest.raises(ValueError):
-        videollama2.check_window(transformers.Qwen2Config(**CONFIG, sliding_window=4, use_sliding_window=True), packed)
+    keep = keep_mask_for(mask, units, torch.arange(len(units)) % 2 == 0)
+    packed = pack_plan(keep, labels, units)
+    embeds = model.model.embed_tokens(ids).flatten(0, 1)[packed.index][None]
+    hidden = legacy_attention.packed_decoder(model.model, embeds, packed.position_ids, packed.cu_seqlens, packed.max_seqlen)
+    logits = model.lm_head(hidden)[0]
+
+    length = ids.shape[1]
+    col = torch.arange(length)
+    visible = torch.ones(length, length, dtype=torch.bool).tril()
+    visible = visible & (keep[:, None, :] | torch.eye(length, dtype=torch.bool)) & mask.bool()[:, None, :]
+    hidden = reference.model.embed_tokens(ids)
+    positions = col.expand(3, length)
+    windows = [legacy_attention.flash_window(reference.config, i) for i in range(len(reference.model.layers))]
+    assert windows[0] == 4 and max(packed.position_ids[0].tolist()) >= 4  # the window drops keys here
+    for layer, window in zip(reference.model.layers, windows):
+        seen = visible if window is None else visible & (col[:, None] - col[None, :] < window)
+        additive = torch.zeros(seen.shape).masked_fill(~seen, torch.finfo(torch.float32).min)[:, None]
+        hidden = layer(hidden, attention_mask=additive, position_ids=positions)[0]
+    ref_logits = reference.lm_head(reference.model.norm(hidden))[keep]
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2))
+    (logits * weights).sum().backward()
+    (ref_logits * weights).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_window_changes_the_packed_output():
+    """So the windowed test above would notice a dropped window."""
+    ids, mask, labels = batch()
+    model = tiny("mistral-window", "eager").eval()
+    legacy_attention.install(model.model)
+    units = find_units(labels, mask)
+    packed = pack_plan(mask.bool(), labels, units)
+    embeds = model.model.embed_tokens(ids).flatten(0, 1)[packed.index][None]
+    with torch.no_grad():
+        windowed = legacy_attention.packed_decoder(model.model, embeds, packed.position_ids, packed.cu_seqlens,
+                                                   packed.max_seqlen)
+        model.config.sliding_window = None
+        whole = legacy_attention.packed_decoder(model.model, embeds, packed.position_ids, packed.cu_seqlens,
+                                                packed.max_seqlen)
+    assert not torch.allclose(windowed, whole, atol=1e-3)
+
+
+def test_other_flash_keywords_are_refused():
+    model = tiny("qwen2", "eager").train()
+    legacy_attention.install(model.model)
+    attention = model.model.layers[0].self_attn
+    q = torch.randn(1, 6, 4, 16)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    with pytest.raises(UnsupportedAttention, match=r"passes \['softcap'\]"):
+        attention._flash_attention_forward(q, q, q, cu, 6, softcap=30.0)
+    out = attention._flash_attention_forward(q, q, q, cu, 6, use_sliding_windows=True)  # upstream's own flag
+    assert out.shape == (1, 6, 4, 16)
