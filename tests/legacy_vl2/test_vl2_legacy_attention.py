@@ -49,10 +49,13 @@ def batch():
     return ids, mask, labels
 
 
-@pytest.mark.parametrize("kind", sorted(MODELS))
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("reentrant", [None, True, False])
-def test_packed_logits_and_gradients_equal_each_sample_alone(kind, attn, reentrant):
+def check_packed_equals_each_sample_alone(kind, attn, reentrant):
+    """Packed logits and gradients (every other unit elided: gaps in the position ids, as on a sparse
+    step) against the unpatched model's own layers over the padded batch with an additive 4-D mask in
+    which kept positions see only earlier kept positions of their own row within the layer's window
+    (elided ones also see themselves, so no softmax row is empty). Upstream cannot run a row with gaps
+    in its positions directly (4.40's rotary table is cut at the row's length), and the model-level
+    4-D mask formats differ across 4.40-4.42 (Mistral's SDPA path in 4.40 takes none)."""
     ids, mask, labels = batch()
     reference, model = tiny(kind, attn), tiny(kind, attn)
     legacy_attention.install(model.model)
@@ -62,25 +65,22 @@ def test_packed_logits_and_gradients_equal_each_sample_alone(kind, attn, reentra
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         m.train()
     units = find_units(labels, mask)
-    # Elide every other unit: gaps in the position ids, as on a sparse step.
     keep = keep_mask_for(mask, units, torch.arange(len(units)) % 2 == 0)
     packed = pack_plan(keep, labels, units)
     embeds = model.model.embed_tokens(ids).flatten(0, 1)[packed.index][None]
     hidden = legacy_attention.packed_decoder(model.model, embeds, packed.position_ids, packed.cu_seqlens, packed.max_seqlen)
     logits = model.lm_head(hidden)[0]
 
-    # Reference: the unpatched model's own layers over the whole padded batch, with an additive 4-D
-    # mask in which kept positions see only earlier kept positions of their own row (elided ones also
-    # see themselves, so no softmax row is empty). Upstream cannot run a row with gaps in its positions
-    # directly (4.40's rotary table is cut at the row's length), and the model-level 4-D mask formats
-    # differ across 4.40-4.42 (Mistral's SDPA path in 4.40 takes none).
     length = ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    visible = causal & (keep[:, None, :] | torch.eye(length, dtype=torch.bool)) & mask.bool()[:, None, :]
-    additive = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)[:, None]
+    col = torch.arange(length)
+    visible = torch.ones(length, length, dtype=torch.bool).tril()
+    visible = visible & (keep[:, None, :] | torch.eye(length, dtype=torch.bool)) & mask.bool()[:, None, :]
     hidden = reference.model.embed_tokens(ids)
-    positions = torch.arange(length).expand(3, length)
-    for layer in reference.model.layers:
+    positions = col.expand(3, length)
+    windows = [legacy_attention.flash_window(reference.config, i) for i in range(len(reference.model.layers))]
+    for layer, window in zip(reference.model.layers, windows):
+        seen = visible if window is None else visible & (col[:, None] - col[None, :] < window)
+        additive = torch.zeros(seen.shape).masked_fill(~seen, torch.finfo(torch.float32).min)[:, None]
         hidden = layer(hidden, attention_mask=additive, position_ids=positions)[0]
     ref_logits = reference.lm_head(reference.model.norm(hidden))[keep]
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
@@ -90,6 +90,15 @@ def test_packed_logits_and_gradients_equal_each_sample_alone(kind, attn, reentra
     (ref_logits * weights).sum().backward()
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    return windows, packed
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("reentrant", [None, True, False])
+def test_packed_logits_and_gradients_equal_each_sample_alone(kind, attn, reentrant):
+    windows, _ = check_packed_equals_each_sample_alone(kind, attn, reentrant)
+    assert all(w is None or w > 15 for w in windows)  # no window reaches across these 15-token rows
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
@@ -120,40 +129,8 @@ def test_flash_window_per_model_and_layer():
 def test_packed_sliding_window_equals_each_sample_alone(kind, reentrant):
     """Samples longer than the window, with elided units: each layer's window counts the tokens'
     original columns, as the model's flash path does for the sample alone."""
-    ids, mask, labels = batch()
-    reference, model = tiny(kind, "eager"), tiny(kind, "eager")
-    legacy_attention.install(model.model)
-    for m in (reference, model):
-        if reentrant is not None:
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-        m.train()
-    units = find_units(labels, mask)
-    keep = keep_mask_for(mask, units, torch.arange(len(units)) % 2 == 0)
-    packed = pack_plan(keep, labels, units)
-    embeds = model.model.embed_tokens(ids).flatten(0, 1)[packed.index][None]
-    hidden = legacy_attention.packed_decoder(model.model, embeds, packed.position_ids, packed.cu_seqlens, packed.max_seqlen)
-    logits = model.lm_head(hidden)[0]
-
-    length = ids.shape[1]
-    col = torch.arange(length)
-    visible = torch.ones(length, length, dtype=torch.bool).tril()
-    visible = visible & (keep[:, None, :] | torch.eye(length, dtype=torch.bool)) & mask.bool()[:, None, :]
-    hidden = reference.model.embed_tokens(ids)
-    positions = col.expand(3, length)
-    windows = [legacy_attention.flash_window(reference.config, i) for i in range(len(reference.model.layers))]
+    windows, packed = check_packed_equals_each_sample_alone(kind, "eager", reentrant)
     assert windows[0] == 4 and max(packed.position_ids[0].tolist()) >= 4  # the window drops keys here
-    for layer, window in zip(reference.model.layers, windows):
-        seen = visible if window is None else visible & (col[:, None] - col[None, :] < window)
-        additive = torch.zeros(seen.shape).masked_fill(~seen, torch.finfo(torch.float32).min)[:, None]
-        hidden = layer(hidden, attention_mask=additive, position_ids=positions)[0]
-    ref_logits = reference.lm_head(reference.model.norm(hidden))[keep]
-    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
-
-    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2))
-    (logits * weights).sum().backward()
-    (ref_logits * weights).sum().backward()
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_the_window_changes_the_packed_output():
