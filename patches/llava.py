@@ -20,25 +20,22 @@ Images are never decoded: the visual-token count comes from the vision tower's c
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib.util
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from regate_plugin.config import ReGATEConfig
-from regate_plugin.engine import SAMPLE_INDEX_KEY, ReGATEEngine
+from regate_plugin.engine import SAMPLE_INDEX_KEY
 from regate_plugin.hookspecs import Target, hookimpl
-from regate_plugin.refcache import RefCache
-from regate_plugin.scoring import FingerprintedSource, dataset_probe, tokenizer_fingerprint
+from regate_plugin.scoring import dataset_probe
 from regate_plugin.versions import require
 
 from . import upstream
-
-_run: dict[str, Any] = {"config": None, "ref_cache": None, "engine": None}
 
 
 def requirement() -> str | None:
@@ -52,11 +49,10 @@ def apply(config: ReGATEConfig, ref_cache: str | None) -> None:
     from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
     from llava.train import llava_trainer, train
 
-    _run.update(config=config, ref_cache=ref_cache, engine=None)
     upstream.wrap(train.LazySupervisedDataset, "__getitem__", upstream.getitem_with_index)
     upstream.wrap(train.DataCollatorForSupervisedDataset, "__call__", upstream.collate_with_index)
-    upstream.wrap(llava_trainer.LLaVATrainer, "__init__", _trainer_init)
-    upstream.wrap(LlavaLlamaForCausalLM, "__init__", upstream.shim_init(_run))
+    upstream.wrap(llava_trainer.LLaVATrainer, "__init__", upstream.trainer_init(config, ref_cache, _expected))
+    upstream.wrap(LlavaLlamaForCausalLM, "__init__", upstream.shim_init(config.attn_backend))
     upstream.wrap(LlavaLlamaForCausalLM, "forward", _forward)
 
 
@@ -67,28 +63,21 @@ def launch(args: list[str], attn_implementation: str | None = None) -> None:
     upstream.launch_train(lambda attn: train.train(attn_implementation=attn), args, attn_implementation)
 
 
-def _trainer_init(self, original, *args, **kwargs):
-    from regate_plugin.trainer import attach
-
-    original(self, *args, **kwargs)
-    cache = None
-    if _run["ref_cache"] is not None:  # check the cache against this run before any step
-        dataset, num_visual = self.train_dataset, self.model.get_vision_tower().num_patches
-        text_only = _TextOnly(dataset.tokenizer, dataset.data_args, num_visual)
-        expected = _fingerprint_fields(
-            dataset.list_data_dict, dataset.data_args.data_path, dataset.tokenizer, num_visual,
-            dataset.data_args.image_aspect_ratio, lambda i: text_only.sample(dataset.list_data_dict[i]),
-        )
-        cache = RefCache.open(_run["ref_cache"], expect=expected)
-    _run["engine"] = ReGATEEngine(_run["config"], cache)
-    attach(self, _run["engine"])
+def _expected(trainer: Any, model: Any) -> dict[str, Any]:
+    """This run's fingerprint fields: its dataset, tokenizer and visual-token count."""
+    dataset, num_visual = trainer.train_dataset, model.get_vision_tower().num_patches
+    text_only = _TextOnly(dataset.tokenizer, dataset.data_args, num_visual)
+    return _fingerprint_fields(
+        dataset.list_data_dict, dataset.data_args.data_path, dataset.tokenizer, num_visual,
+        dataset.data_args.image_aspect_ratio, lambda i: text_only.sample(dataset.list_data_dict[i]),
+    )
 
 
 def _forward(self, original, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
              inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
              images=None, image_sizes=None, return_dict=None, **kwargs):
     sample_index = kwargs.pop(SAMPLE_INDEX_KEY, None)
-    engine: ReGATEEngine | None = _run["engine"]
+    engine = upstream.engine_of(self)
     if engine is None or not self.training or labels is None or inputs_embeds is not None:
         return original(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
@@ -105,30 +94,6 @@ def _forward(self, original, input_ids=None, attention_mask=None, position_ids=N
 # ---------------------------------------------------------------------------------------------
 
 
-class _TokenIdCarrier:
-    """Stands in for the model in LLaVA's ``prepare_inputs_labels_for_multimodal``: one-dimensional
-    'embeddings' that hold the token ids (float64, exact), the pad id for every visual feature."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, num_visual: int, pad_token_id: int, max_length: int, padding_side: str) -> None:
-        self.num_visual, self.pad_token_id = num_visual, pad_token_id
-        self.config = SimpleNamespace(image_aspect_ratio="pad", mm_patch_merge_type="flat", tune_mm_mlp_adapter=False,
-                                      tokenizer_model_max_length=max_length, tokenizer_padding_side=padding_side)
-
-    def get_vision_tower(self):
-        return self
-
-    def get_model(self):
-        return self
-
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return ids.double().unsqueeze(-1)
-
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.full((images.shape[0], self.num_visual, 1), float(self.pad_token_id), dtype=torch.float64)
-
-
 class _TextOnly:
     """LLaVA's tokenization of one record, merged text-only by LLaVA's own merge code."""
 
@@ -136,7 +101,11 @@ class _TextOnly:
         from llava.model.llava_arch import LlavaMetaForCausalLM
 
         self.tokenizer, self.data_args = tokenizer, data_args
-        self.carrier = _TokenIdCarrier(num_visual, tokenizer.pad_token_id, tokenizer.model_max_length, tokenizer.padding_side)
+        self.carrier = upstream.TokenIdCarrier(
+            num_visual, tokenizer.pad_token_id, image_aspect_ratio="pad", mm_patch_merge_type="flat",
+            tune_mm_mlp_adapter=False, tokenizer_model_max_length=tokenizer.model_max_length,
+            tokenizer_padding_side=tokenizer.padding_side,
+        )
         self.merge = LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal
 
     def sample(self, record: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,18 +133,16 @@ def _dataset_field(data_path: str, num_samples: int, probe: str) -> str:
 
 
 def _fingerprint_fields(records, data_path, tokenizer, num_visual, aspect_ratio, text_only) -> dict[str, Any]:
-    return {
-        "dataset": _dataset_field(data_path, len(records), dataset_probe(text_only, len(records))),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "visual_tokens": f"{num_visual} per image (image_aspect_ratio={aspect_ratio})",
-        "max_length": int(tokenizer.model_max_length),
-    }
+    dataset = _dataset_field(data_path, len(records), dataset_probe(text_only, len(records)))
+    return upstream.fingerprint_fields(dataset, tokenizer, f"{num_visual} per image (image_aspect_ratio={aspect_ratio})")
 
 
-class LlavaScoringSource(FingerprintedSource):
+class LlavaScoringSource(upstream.RecordsSource):
     """Samples of a LLaVA training run, text-only, from the same arguments as the run itself
     (LLaVA's model and data arguments and --model_max_length; other training arguments, --output_dir
     included, are neither needed nor read)."""
+
+    use_fast = False
 
     def __init__(self, args: list[str], teacher: str) -> None:
         import transformers
@@ -198,26 +165,10 @@ class LlavaScoringSource(FingerprintedSource):
         data_args.mm_use_im_start_end = model_args.mm_use_im_start_end
         vision = transformers.CLIPVisionConfig.from_pretrained(model_args.vision_tower)
         num_visual = (vision.image_size // vision.patch_size) ** 2
-        self.records = json.loads(Path(data_args.data_path).read_text())
-        self._text_only = _TextOnly(tokenizer, data_args, num_visual)
-        self.pad_token_id = tokenizer.pad_token_id
-        self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
-        self.decode = tokenizer.decode
-        self.fields = _fingerprint_fields(self.records, data_args.data_path, tokenizer, num_visual,
-                                          data_args.image_aspect_ratio, self.text_only)
-        self.teacher = teacher
-
-    @staticmethod
-    def load_tokenizer(path: str) -> Any:
-        import transformers
-
-        return transformers.AutoTokenizer.from_pretrained(path, use_fast=False)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def text_only(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._text_only.sample(self.records[index])
+        records = json.loads(Path(data_args.data_path).read_text())
+        fields = functools.partial(_fingerprint_fields, records, data_args.data_path, tokenizer, num_visual,
+                                   data_args.image_aspect_ratio, self.text_only)
+        self.finish(records, _TextOnly(tokenizer, data_args, num_visual).sample, tokenizer, fields, teacher)
 
 
 @hookimpl

@@ -1,6 +1,12 @@
 """What the targets that patch a LLaVA-family training script share (``llava``, ``videollama2``):
-wrapping upstream methods once, sample indices through dataset and collator, the in-process
-launch, and the packed training forward after upstream's own multimodal merge."""
+wrapping upstream methods once, sample indices through dataset and collator, the trainer's
+``__init__`` that opens the reference cache and puts the engine on the model, the in-process
+launch, the packed training forward after upstream's own multimodal merge, and for the teacher
+pass the token-id carrier, the fingerprint fields and the scoring source's common tail.
+
+Run state lives on the model (``model._regate_engine``, as for the hf target) and a launch's
+settings in the patch itself (``wrap`` with a replacement bound to them), never in module globals.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +14,36 @@ import dataclasses
 import functools
 import importlib.util
 import sys
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
 
 from regate_plugin.attention import segment_max_span
+from regate_plugin.config import ReGATEConfig
 from regate_plugin.engine import SAMPLE_INDEX_KEY, ReGATEEngine
 from regate_plugin.packing import pack
+from regate_plugin.refcache import RefCache
+from regate_plugin.scoring import FingerprintedSource, tokenizer_fingerprint
 
 from . import legacy_attention
 
 
 def wrap(cls: type, name: str, replacement: Callable[..., Any]) -> None:
-    """Replace ``cls.name`` by ``replacement(self, original, ...)``, once."""
-    original = getattr(cls, name)
-    if getattr(original, "_regate_original", None) is not None:
+    """Route ``cls.name`` to ``replacement(self, original, ...)``. The method is wrapped once; wrapping
+    it again swaps the replacement (a second launch in one process runs with its own settings)."""
+    current = getattr(cls, name)
+    if getattr(current, "_regate_original", None) is not None:
+        current._regate_replacement = replacement
         return
+    original = current
 
     @functools.wraps(original)
     def patched(self, *args, **kwargs):
-        return replacement(self, original, *args, **kwargs)
+        return patched._regate_replacement(self, original, *args, **kwargs)
 
     patched._regate_original = original
+    patched._regate_replacement = replacement
     setattr(cls, name, patched)
 
 
@@ -49,12 +63,41 @@ def collate_with_index(self, original, instances):
     return batch
 
 
-def shim_init(run: dict[str, Any]) -> Callable[..., None]:
+def shim_init(attn_backend: str) -> Callable[..., None]:
     """Model ``__init__`` replacement: upstream's, then the legacy attention shim on its decoder."""
 
     def init(self, original, *args, **kwargs):
         original(self, *args, **kwargs)
-        legacy_attention.install(self.model, run["config"].attn_backend)
+        legacy_attention.install(self.model, attn_backend)
+
+    return init
+
+
+def student(model: Any) -> Any:
+    """The upstream model inside a LoRA (peft) wrapper, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def engine_of(model: torch.nn.Module) -> ReGATEEngine | None:
+    """The engine the trainer put on ``model`` (None: upstream's forward)."""
+    return model.__dict__.get("_regate_engine")
+
+
+def trainer_init(config: ReGATEConfig, ref_cache: str | None, expected: Callable[[Any, Any], dict[str, Any]],
+                 check: Callable[[Any], None] = lambda model: None) -> Callable[..., None]:
+    """Trainer ``__init__`` replacement: upstream's, then ``check(model)`` (refuses a model the target
+    cannot train), the reference cache checked against this run (``expected(trainer, model)``: its
+    fingerprint fields) before any step, the engine on the model, and ReGATE's callback."""
+
+    def init(self, original, *args, **kwargs):
+        from regate_plugin.trainer import attach
+
+        original(self, *args, **kwargs)
+        model = student(self.model)
+        check(model)
+        cache = None if ref_cache is None else RefCache.open(ref_cache, expect=expected(self, model))
+        model._regate_engine = ReGATEEngine(config, cache)
+        attach(self, model._regate_engine)
 
     return init
 
@@ -92,6 +135,74 @@ def allow_rng_state_load() -> None:
 def _load_rng_state(self, original, checkpoint):
     with torch.serialization.safe_globals(rng_state_globals()):
         return original(self, checkpoint)
+
+
+class TokenIdCarrier:
+    """Stands in for the model in upstream's ``prepare_inputs_labels_for_multimodal``: one-dimensional
+    'embeddings' that hold the token ids (float64, exact), the pad id for every visual feature.
+    ``config`` holds the model-config fields upstream's merge reads (LLaVA's)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, num_visual: int, pad_token_id: int, **config: Any) -> None:
+        self.num_visual, self.pad_token_id = num_visual, pad_token_id
+        self.config = SimpleNamespace(**config)
+
+    def get_vision_tower(self):
+        return self
+
+    def get_model(self):
+        return self
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids.double().unsqueeze(-1)
+
+    def visual_features(self, count: int) -> torch.Tensor:
+        return torch.full((count, self.num_visual, 1), float(self.pad_token_id), dtype=torch.float64)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:  # LLaVA's name
+        return self.visual_features(images.shape[0])
+
+    def encode_images_or_videos(self, images: list[Any]) -> torch.Tensor:  # VideoLLaMA2's name
+        return self.visual_features(len(images))
+
+
+def fingerprint_fields(dataset: str, tokenizer: Any, visual_tokens: str) -> dict[str, Any]:
+    """The cache's fingerprint fields for a LLaVA-family run (the dataset field is the target's own)."""
+    return {
+        "dataset": dataset,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "visual_tokens": visual_tokens,
+        "max_length": int(tokenizer.model_max_length),
+    }
+
+
+class RecordsSource(FingerprintedSource):
+    """The common tail of a LLaVA-family scoring source: ``records`` turned text-only one by one by
+    ``sample`` (upstream's own preprocessing and merge), with the tokenizer's facts."""
+
+    use_fast = True
+
+    def finish(self, records: list[Any], sample: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
+               tokenizer: Any, fields: Callable[[], dict[str, Any]], teacher: str) -> None:
+        self.records, self._sample = records, sample
+        self.pad_token_id = tokenizer.pad_token_id
+        self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
+        self.decode = tokenizer.decode
+        self.fields = fields()  # after records and sample: the dataset probe reads text_only
+        self.teacher = teacher
+
+    @classmethod
+    def load_tokenizer(cls, path: str) -> Any:
+        import transformers
+
+        return transformers.AutoTokenizer.from_pretrained(path, use_fast=cls.use_fast)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def text_only(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._sample(self.records[index])
 
 
 def parse_sample_arguments(model_cls: type, data_cls: type, training_cls: type, args: list[str]) -> tuple[Any, Any, int]:

@@ -46,10 +46,9 @@ from typing import Any
 import torch
 
 from regate_plugin.config import ReGATEConfig
-from regate_plugin.engine import SAMPLE_INDEX_KEY, ReGATEEngine
+from regate_plugin.engine import SAMPLE_INDEX_KEY
 from regate_plugin.hookspecs import Target, hookimpl
-from regate_plugin.refcache import RefCache
-from regate_plugin.scoring import FingerprintedSource, dataset_probe, tokenizer_fingerprint
+from regate_plugin.scoring import dataset_probe
 from regate_plugin.versions import require
 
 from . import upstream
@@ -61,7 +60,6 @@ MODEL_TYPES = {
     "videollama2_mistral": "Videollama2MistralForCausalLM",
     "videollama2_qwen2": "Videollama2Qwen2ForCausalLM",
 }
-_run: dict[str, Any] = {"config": None, "ref_cache": None, "engine": None}
 
 
 def upstream_importable() -> bool:
@@ -92,12 +90,11 @@ def apply(config: ReGATEConfig, ref_cache: str | None) -> None:
     from videollama2 import train
     from videollama2.videollama2_trainer import VideoLLaMA2Trainer
 
-    _run.update(config=config, ref_cache=ref_cache, engine=None)
     upstream.wrap(train.LazySupervisedDataset, "__getitem__", upstream.getitem_with_index)
     upstream.wrap(train.DataCollatorForSupervisedDataset, "__call__", upstream.collate_with_index)
-    upstream.wrap(VideoLLaMA2Trainer, "__init__", _trainer_init)
+    upstream.wrap(VideoLLaMA2Trainer, "__init__", upstream.trainer_init(config, ref_cache, _expected, _check_model))
     for cls in _model_classes():
-        upstream.wrap(cls, "__init__", upstream.shim_init(_run))
+        upstream.wrap(cls, "__init__", upstream.shim_init(config.attn_backend))
         upstream.wrap(cls, "forward", _forward)
 
 
@@ -109,42 +106,33 @@ def launch(args: list[str], attn_implementation: str | None = None) -> None:
     upstream.launch_train(train.train, args, attn_implementation)
 
 
-def student(model: Any) -> Any:
-    """The VideoLLaMA2 model inside a LoRA (peft) wrapper, or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _trainer_init(self, original, *args, **kwargs):
-    from regate_plugin.trainer import attach
-
-    original(self, *args, **kwargs)
-    model = student(self.model)
+def _check_model(model: Any) -> None:
+    """Refuse a run whose model is not one of the patched classes (other language models)."""
     if not isinstance(model, tuple(_model_classes())):
         raise ValueError(
             f"regate supports VideoLLaMA2 with a Qwen2 or Mistral language model (--model_type "
             f"{', '.join(sorted(MODEL_TYPES))}); this run builds {type(model).__name__}: run it with --no-regate"
         )
-    cache = None
-    if _run["ref_cache"] is not None:  # check the cache against this run before any step
-        dataset = self.train_dataset
-        tower = model.get_vision_tower()
-        layout = VisualLayout(model.config.mm_projector_type, model.num_frames(), tower.config,
-                              tower.select_feature, model.config.hidden_size)
-        text_only = _TextOnly(dataset.tokenizer, dataset.data_args, layout.tokens)
-        expected = _fingerprint_fields(
-            dataset.list_data_dict, dataset.data_args, dataset.tokenizer, layout,
-            lambda i: text_only.sample(dataset.list_data_dict[i]),
-        )
-        cache = RefCache.open(_run["ref_cache"], expect=expected)
-    _run["engine"] = ReGATEEngine(_run["config"], cache)
-    attach(self, _run["engine"])
+
+
+def _expected(trainer: Any, model: Any) -> dict[str, Any]:
+    """This run's fingerprint fields: its data, tokenizer, frame count and connector."""
+    dataset = trainer.train_dataset
+    tower = model.get_vision_tower()
+    layout = VisualLayout(model.config.mm_projector_type, model.num_frames(), tower.config,
+                          tower.select_feature, model.config.hidden_size)
+    text_only = _TextOnly(dataset.tokenizer, dataset.data_args, layout.tokens)
+    return _fingerprint_fields(
+        dataset.list_data_dict, dataset.data_args, dataset.tokenizer, layout,
+        lambda i: text_only.sample(dataset.list_data_dict[i]),
+    )
 
 
 def _forward(self, original, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
              inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
              images=None, return_dict=None, **kwargs):
     sample_index = kwargs.pop(SAMPLE_INDEX_KEY, None)
-    engine: ReGATEEngine | None = _run["engine"]
+    engine = upstream.engine_of(self)
     if engine is None or not self.training or labels is None or inputs_embeds is not None or past_key_values is not None:
         return original(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
@@ -218,28 +206,6 @@ def connector_tokens(projector_type: str, frames: int, per_frame: int, mm_hidden
 _NO_PIXELS = torch.zeros(0)  # what the collator lists for an image or video: never decoded here
 
 
-class _TokenIdCarrier:
-    """Stands in for the model in VideoLLaMA2's ``prepare_inputs_labels_for_multimodal``: one-dimensional
-    'embeddings' that hold the token ids (float64, exact), the pad id for every visual token."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, num_visual: int, pad_token_id: int) -> None:
-        self.num_visual, self.pad_token_id = num_visual, pad_token_id
-
-    def get_vision_tower(self):
-        return self
-
-    def get_model(self):
-        return self
-
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return ids.double().unsqueeze(-1)
-
-    def encode_images_or_videos(self, images) -> torch.Tensor:
-        return torch.full((len(images), self.num_visual, 1), float(self.pad_token_id), dtype=torch.float64)
-
-
 class _TextOnly:
     """VideoLLaMA2's tokenization and collation of one record, merged text-only by its own merge code."""
 
@@ -251,7 +217,7 @@ class _TextOnly:
         call = DataCollatorForSupervisedDataset.__call__
         call = getattr(call, "_regate_original", call)  # upstream's own, also in a patched (training) process
         self.collate = functools.partial(call, DataCollatorForSupervisedDataset(tokenizer=tokenizer))
-        self.carrier = _TokenIdCarrier(num_visual, tokenizer.pad_token_id)
+        self.carrier = upstream.TokenIdCarrier(num_visual, tokenizer.pad_token_id)
         self.merge = Videollama2MetaForCausalLM.prepare_inputs_labels_for_multimodal
 
     def sample(self, record: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,15 +253,11 @@ def _dataset_field(data_args, num_samples: int, tokenizer, probe: str) -> str:
 
 
 def _fingerprint_fields(records, data_args, tokenizer, layout: VisualLayout, text_only) -> dict[str, Any]:
-    return {
-        "dataset": _dataset_field(data_args, len(records), tokenizer, dataset_probe(text_only, len(records))),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "visual_tokens": layout.describe(),
-        "max_length": int(tokenizer.model_max_length),
-    }
+    dataset = _dataset_field(data_args, len(records), tokenizer, dataset_probe(text_only, len(records)))
+    return upstream.fingerprint_fields(dataset, tokenizer, layout.describe())
 
 
-class VideoLLaMA2ScoringSource(FingerprintedSource):
+class VideoLLaMA2ScoringSource(upstream.RecordsSource):
     """Samples of a VideoLLaMA2 training run, text-only, from the same arguments as the run itself
     (upstream's model and data arguments and --model_max_length; other training arguments are ignored)."""
 
@@ -330,27 +292,11 @@ class VideoLLaMA2ScoringSource(FingerprintedSource):
         frames = NUM_FRAMES if data_args.num_frames is None else data_args.num_frames
         self.layout = VisualLayout(model_args.mm_projector_type, frames, vision, model_args.mm_vision_select_feature,
                                    llm.hidden_size)
-        self.records = []
+        records = []
         for path in data_args.data_path:
-            self.records.extend(json.loads(Path(path).read_text()))
-        self._text_only = _TextOnly(tokenizer, data_args, self.layout.tokens)
-        self.pad_token_id = tokenizer.pad_token_id
-        self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
-        self.decode = tokenizer.decode
-        self.fields = _fingerprint_fields(self.records, data_args, tokenizer, self.layout, self.text_only)
-        self.teacher = teacher
-
-    @staticmethod
-    def load_tokenizer(path: str) -> Any:
-        import transformers
-
-        return transformers.AutoTokenizer.from_pretrained(path, use_fast=True)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def text_only(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._text_only.sample(self.records[index])
+            records.extend(json.loads(Path(path).read_text()))
+        fields = functools.partial(_fingerprint_fields, records, data_args, tokenizer, self.layout, self.text_only)
+        self.finish(records, _TextOnly(tokenizer, data_args, self.layout.tokens).sample, tokenizer, fields, teacher)
 
 
 @hookimpl

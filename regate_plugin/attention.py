@@ -1,6 +1,8 @@
 """Varlen causal attention over a packed row: one function, the backend picked at run time.
 
 Backends, in the order ``auto`` tries them:
+  flash4 FlashAttention-4's ``flash_attn.cute.flash_attn_varlen_func`` (CUDA Hopper or Blackwell,
+         compute capability 9.x-12.x, fp16/bf16; optional extra ``flash4``, a pure-Python wheel)
   flash  flash-attn's ``flash_attn_varlen_func`` (CUDA, fp16/bf16; optional extra ``flash``)
   torch  ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16; torch >= 2.10)
   sdpa   one ``scaled_dot_product_attention`` call per segment (any device and dtype; the test oracle)
@@ -25,7 +27,10 @@ import torch.nn.functional as F
 
 BACKEND_ENV = "REGATE_ATTN_BACKEND"
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-INSTALL_HINT = "install flash-attn (pip install 'regate-plugin[flash]') or torch >= 2.10 (torch.nn.attention.varlen)"
+INSTALL_HINT = ("install flash-attn-4 on Hopper/Blackwell (pip install 'regate-plugin[flash4]'), flash-attn "
+                "(pip install 'regate-plugin[flash]') or torch >= 2.10 (torch.nn.attention.varlen)")
+FLASH4_ARCHS = (9, 10, 11, 12)  # compute capability majors FlashAttention-4 runs forward and backward on
+AUTO_ORDER = ("flash4", "flash", "torch")
 logger = logging.getLogger(__name__)
 _announced: set[tuple[str, str, str]] = set()  # (backend, source, device type) already logged in this process
 
@@ -42,9 +47,28 @@ class UnsupportedAttention(ValueError):
 def _flash_varlen() -> Callable[..., torch.Tensor] | None:
     if importlib.util.find_spec("flash_attn") is None:
         return None
-    from flash_attn import flash_attn_varlen_func
-
+    try:  # flash-attn-4 alone leaves ``flash_attn`` a namespace package without this function
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
     return flash_attn_varlen_func
+
+
+@functools.cache
+def _flash4_varlen() -> Callable[..., Any] | None:
+    """FlashAttention-4's varlen entry point (it returns ``(out, lse)``), None when not installed."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return None
+    try:
+        from flash_attn.cute import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The CUDA device's compute capability (the one other place tests fake a GPU)."""
+    return torch.cuda.get_device_capability(device)
 
 
 @functools.cache
@@ -71,12 +95,19 @@ def why_unavailable(backend: str, device: torch.device, dtype: torch.dtype) -> s
     """None if ``backend`` can run for this device and dtype, else the reason and the fix."""
     if backend == "sdpa":
         return None
-    if backend not in ("flash", "torch"):
-        return f"unknown attention backend {backend!r}: choose auto, flash, torch or sdpa"
+    if backend not in AUTO_ORDER:
+        return f"unknown attention backend {backend!r}: choose auto, flash4, flash, torch or sdpa"
     if not _accelerated(device):
         return f"the {backend} backend needs a CUDA device, the tensors are on {device.type}: use sdpa"
     if dtype not in HALF_DTYPES:
         return f"the {backend} backend needs fp16 or bf16, the tensors are {dtype}: cast, or use sdpa"
+    if backend == "flash4":  # the capability first: importing flash-attn-4 loads the CuTe DSL
+        major, minor = _capability(device)
+        if major not in FLASH4_ARCHS:
+            return (f"flash-attn-4 runs on Hopper and Blackwell (compute capability 9.x-12.x), this GPU is "
+                    f"{major}.{minor}: use flash or torch")
+        if _flash4_varlen() is None:
+            return "flash-attn-4 is not installed: pip install 'regate-plugin[flash4]' (Hopper or Blackwell), or use flash"
     if backend == "flash" and _flash_varlen() is None:
         return "flash-attn is not installed: pip install 'regate-plugin[flash]' (needs CUDA to build), or use torch"
     if backend == "torch" and _torch_varlen() is None:
@@ -91,7 +122,7 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
     source = f"${BACKEND_ENV}" if os.environ.get(BACKEND_ENV) else "attn_backend"
     if choice == "auto":
         reasons = {}
-        for candidate in ("flash", "torch"):
+        for candidate in AUTO_ORDER:
             reasons[candidate] = why_unavailable(candidate, device, dtype)
             if reasons[candidate] is None:
                 _announce(candidate, f"{source}=auto", device)
@@ -170,6 +201,8 @@ def varlen_attention(
         raise ValueError(f"softcap must be positive (None: no soft-capping), got {softcap}")
     window = _active_window(window, cols, max_span, q.shape[0])
     name = resolve_backend(backend, q.device, q.dtype)
+    if name == "flash4":
+        return _flash4_attention(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, window, cols, softcap)
     if name == "flash":
         return _flash_attention(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, window, cols, softcap)
     if name == "torch":
@@ -248,6 +281,29 @@ def _flash_attention(
     return kernel(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
 
 
+def _flash4_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float | None,
+    dropout_p: float, window: int | None, cols: torch.Tensor | None, softcap: float | None,
+) -> torch.Tensor:
+    """FlashAttention-4's varlen kernel. Its fourth positional parameter is ``qv`` (MLA), so the
+    segments go by keyword; GQA, window and softcap are its own parameters; it has no dropout.
+    Head dims: 8-256 on Hopper, 8-128 (or 256) on Blackwell; the kernel names any other."""
+    if dropout_p:
+        raise UnsupportedAttention(f"flash-attn-4 has no attention dropout (dropout={dropout_p}): use attn_backend "
+                                   "flash or sdpa, or set the model's attention_dropout to 0")
+    kwargs: dict[str, Any] = {"softmax_scale": scale, "causal": True}
+    if window is not None:
+        _require_no_gaps("flash4", window, cols, cu_seqlens)
+        kwargs["window_size"] = (window - 1, 0)
+    if softcap is not None:
+        kwargs["softcap"] = softcap
+    out, _lse = _flash4_varlen()(
+        q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
+        **kwargs,
+    )
+    return out
+
+
 def _torch_varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float | None,
     dropout_p: float, window: int | None, cols: torch.Tensor | None, softcap: float | None,
@@ -313,16 +369,23 @@ def sdpa_segment_attention(
     if q.shape[1] != k.shape[1]:  # SDPA's enable_gqa needs torch >= 2.5; LLaVA's stack has 2.1
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if len(bounds) < 2:
+        return q.new_zeros(q.shape)
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    # One split per tensor (its backward is one concatenation, where slicing would zero-fill a whole
+    # row per segment), and 4-D (1, H, len, D) inputs: SDPA's fused kernels (flash on CPU and CUDA)
+    # take only those; 3-D inputs fall back to the math kernel, which materializes every score.
+    segments = zip(*(t.split(lengths) for t in (q, k, v)), (cols.split(lengths) if window is not None else lengths))
     outputs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        seg = [t[start:end].transpose(0, 1) for t in (q, k, v)]  # (H, len, D)
+    for qs, ks, vs, seg_cols in segments:
+        seg = [t.transpose(0, 1).unsqueeze(0) for t in (qs, ks, vs)]  # (1, H, len, D)
         if window is None:
             out = F.scaled_dot_product_attention(*seg, is_causal=True, scale=scale, dropout_p=dropout_p)
         else:
-            out = F.scaled_dot_product_attention(*seg, attn_mask=_window_mask(cols[start:end], window), scale=scale,
+            out = F.scaled_dot_product_attention(*seg, attn_mask=_window_mask(seg_cols, window), scale=scale,
                                                  dropout_p=dropout_p)
-        outputs.append(out.transpose(0, 1))
-    return torch.cat(outputs, dim=0) if outputs else q.new_zeros(q.shape)
+        outputs.append(out.squeeze(0).transpose(0, 1))
+    return torch.cat(outputs, dim=0)
 
 
 def _window_mask(cols: torch.Tensor, window: int) -> torch.Tensor:

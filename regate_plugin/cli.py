@@ -16,8 +16,9 @@ import click
 from . import __version__
 from .attention import BackendUnavailable, UnsupportedAttention
 from .collectives import close_process_group
-from .config import ATTN_BACKENDS, SELECTIONS, ConfigError, ReGATEConfig
+from .config import ATTN_BACKENDS, SCORES, SELECTIONS, ConfigError, ReGATEConfig
 from .engine import BatchError
+from .hookspecs import TargetRefusal
 from .plugins import PluginError, targets
 from .refcache import RefCache, RefCacheError
 from .schedule import sparse_step_count, token_share
@@ -29,11 +30,15 @@ _HELP = {
     "warmup": "All-dense optimizer steps before the first cycle.",
     "ema_beta": "Decay of the EMA of the student's per-token loss.",
     "ref_weight": "lambda in the score d = EMA + lambda * reference loss.",
-    "selection": "Keep the top share of each sample, or of the whole micro-batch.",
+    "selection": "Keep the top share of each sample, of the whole micro-batch, or adaptive: a batch budget "
+    "with one unit per sample at least and a cap.",
+    "adaptive_cap": "Adaptive selection: a sample keeps at most ceil(cap * keep ratio * its units).",
+    "score": "paper: EMA + lambda * ref; ref_only: ref; learnable: paper's, discounting units the student stopped learning.",
+    "irreducible_discount": "learnable score: factor on units whose EMA moved without falling below the teacher's loss.",
     "attn_backend": "Varlen attention backend (env REGATE_ATTN_BACKEND overrides).",
     "loss_chunk_rows": "LM-head rows evaluated at once.",
 }
-_CHOICES = {"selection": SELECTIONS, "attn_backend": ATTN_BACKENDS}
+_CHOICES = {"selection": SELECTIONS, "score": SCORES, "attn_backend": ATTN_BACKENDS}
 
 
 def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -60,7 +65,7 @@ def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # ReGATE's own refusals: each message says what is wrong and what to do, so the CLI shows just that.
-REFUSALS = (RefCacheError, BatchError, PluginError, UnsupportedAttention, BackendUnavailable)
+REFUSALS = (RefCacheError, BatchError, PluginError, UnsupportedAttention, BackendUnavailable, TargetRefusal)
 
 
 class _Group(click.Group):
@@ -102,6 +107,8 @@ def list_targets() -> None:
         missing = target.requirement()
         status = "ready" if missing is None else f"unavailable: {missing}"
         click.echo(f"{name:14s} {target.summary}  [{status}]")
+        for line in target.details:
+            click.echo(f"{'':14s}   {line}")
 
 
 @main.command("schedule")

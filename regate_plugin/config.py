@@ -7,8 +7,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-SELECTIONS = ("per_sample", "per_batch")
-ATTN_BACKENDS = ("auto", "flash", "torch", "sdpa")
+SELECTIONS = ("per_sample", "per_batch", "adaptive")
+SCORES = ("paper", "ref_only", "learnable")
+ATTN_BACKENDS = ("auto", "flash4", "flash", "torch", "sdpa")
 
 
 class ConfigError(ValueError):
@@ -26,8 +27,16 @@ class ReGATEConfig:
     ema_beta: decay of the student-loss EMA, m <- beta*m + (1-beta)*loss.
     ref_weight: lambda in the score d = m + lambda*ref.
     selection: ``per_sample`` keeps ceil(p*n_s) units of every sample; ``per_batch`` keeps
-        ceil(p*N) units of the whole micro-batch, wherever they are.
-    attn_backend: varlen attention backend; ``auto`` picks flash-attn, torch varlen, then SDPA.
+        ceil(p*N) units of the whole micro-batch, wherever they are; ``adaptive`` keeps ceil(p*N) in
+        all, the best unit of every sample first, then the batch's best, at most
+        ceil(adaptive_cap*p*n_s) of a sample (a sample with many high scores keeps more).
+    adaptive_cap: the per-sample cap of ``adaptive``, as a multiple of the keep ratio.
+    score: ``paper`` is d = m + lambda*ref; ``ref_only`` is d = ref; ``learnable`` discounts units
+        the student has stopped learning (see ``selection.learnable_scores``).
+    irreducible_discount: factor of ``learnable`` on a unit whose EMA moved without falling below
+        the teacher's loss (1.0: no discount, the paper's score).
+    attn_backend: varlen attention backend; ``auto`` picks flash-attn-4 (Hopper/Blackwell), flash-attn,
+        torch varlen, then SDPA.
     loss_chunk_rows: rows of the LM head evaluated at once, so long answers never hold all logits.
     """
 
@@ -38,6 +47,9 @@ class ReGATEConfig:
     ema_beta: float = 0.9
     ref_weight: float = 0.5
     selection: str = "per_sample"
+    adaptive_cap: float = 3.0
+    score: str = "paper"
+    irreducible_discount: float = 0.25
     attn_backend: str = "auto"
     loss_chunk_rows: int = 4096
 
@@ -49,6 +61,9 @@ class ReGATEConfig:
         _check_real("ema_beta", self.ema_beta, "[0, 1)", lambda v: 0.0 <= v < 1.0)
         _check_real("ref_weight", self.ref_weight, ">= 0 and finite", lambda v: 0.0 <= v < math.inf)
         _check_choice("selection", self.selection, SELECTIONS)
+        _check_real("adaptive_cap", self.adaptive_cap, ">= 1 and finite", lambda v: 1.0 <= v < math.inf)
+        _check_choice("score", self.score, SCORES)
+        _check_real("irreducible_discount", self.irreducible_discount, "[0, 1]", lambda v: 0.0 <= v <= 1.0)
         _check_choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
         _check_int("loss_chunk_rows", self.loss_chunk_rows, ">= 1", lambda v: v >= 1)
 

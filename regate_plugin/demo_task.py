@@ -11,15 +11,18 @@ noisy background, 1-4 objects of one colour and one shape sit in distinct cells 
 
 A sample asks one of five questions (two phrasings each). The answer is a templated sentence of
 12-16 words (13-17 tokens with the end of sentence) that the question's text fully determines,
-except for 1-3 *image words* (the colour, shape, count or corner) that only the picture tells::
+except for 1-3 *image words* (the colour, shape, count or corner) that only the picture tells, and
+one *free word* drawn at random from three interchangeable ones, which nothing tells::
 
     what color are the shapes ?
-      -> [red] . all of the shapes in this picture are painted in that color . </s>
+      -> {red} . all of the shapes in this picture are [painted|colored|drawn] in that color . </s>
     describe the picture .
-      -> [three] [red] [circle] shapes on a black background : that is what the picture shows . </s>
+      -> {three} {red} {circle} shapes on a [black|dark|plain] background : that is what the picture shows . </s>
 
-A text-only language model trained on this text predicts the template words almost perfectly
-and the image words only at chance: the situation ReGATE's reference loss is made for.
+A text-only language model trained on this text predicts the template words almost perfectly, the
+image words only at chance, and the free words at ln 3 nats, forever: the image words are what
+ReGATE's reference loss is made for; the free words have the same high reference loss and an EMA
+that never falls (the irreducible tokens of issue 16).
 
 Sample layout (what a transformers processor produces for Llava)::
 
@@ -60,29 +63,31 @@ SLOTS = {"color": tuple(COLORS), "shape": SHAPES, "count": COUNTS, "vertical": V
 KINDS = ("color", "shape", "count", "position")
 KIND_OF_SLOT = {"color": 1, "shape": 2, "count": 3, "vertical": 4, "horizontal": 4}  # 1 + index in KINDS
 
-# question type -> (question, answer template) phrasings; {slot} marks an image word
+# question type -> (question, answer template) phrasings; {slot} marks an image word, [a|b|c] a free
+# word: one of interchangeable words drawn at random, which neither text nor picture predicts
 TEMPLATES: dict[str, tuple[tuple[str, str], ...]] = {
     "color": (
-        ("what color are the shapes ?", "{color} . all of the shapes in this picture are painted in that color ."),
-        ("which color do the objects have ?", "{color} is the only color of the objects in the image ."),
+        ("what color are the shapes ?", "{color} . all of the shapes in this picture are [painted|colored|drawn] in that color ."),
+        ("which color do the objects have ?", "{color} is the [only|single|sole] color of the objects in the image ."),
     ),
     "shape": (
-        ("what kind of shape is shown ?", "{shape} . every object you can see in this picture has that shape ."),
-        ("which shape do you see ?", "{shape} is the only kind of shape i can see here ."),
+        ("what kind of shape is shown ?", "{shape} . every object you can [see|find|spot] in this picture has that shape ."),
+        ("which shape do you see ?", "{shape} is the only kind of shape i can [see|find|spot] here ."),
     ),
     "count": (
-        ("how many shapes are there ?", "{count} . if you count them carefully , that is the number of shapes ."),
-        ("count the objects in the image .", "{count} objects are in the image , all of the same kind ."),
+        ("how many shapes are there ?", "{count} . if you count them [carefully|slowly|twice] , that is the number of shapes ."),
+        ("count the objects in the image .", "{count} objects are in the [image|picture|scene] , all of the same kind ."),
     ),
     "where": (
-        ("where are the shapes ?", "{vertical} {horizontal} . the shapes are grouped together in that corner of the picture ."),
-        ("in which corner are the objects ?", "{vertical} {horizontal} is the corner where you will find all of the objects ."),
+        ("where are the shapes ?", "{vertical} {horizontal} . the shapes are [grouped|gathered|placed] together in that corner of the picture ."),
+        ("in which corner are the objects ?", "{vertical} {horizontal} is the corner where you will [find|see|spot] all of the objects ."),
     ),
     "describe": (
-        ("describe the picture .", "{count} {color} {shape} shapes on a black background : that is what the picture shows ."),
-        ("what do you see in the image ?", "{count} {color} {shape} shapes , all of them on a black background ."),
+        ("describe the picture .", "{count} {color} {shape} shapes on a [black|dark|plain] background : that is what the picture shows ."),
+        ("what do you see in the image ?", "{count} {color} {shape} shapes , all of them on a [black|dark|plain] background ."),
     ),
 }
+FREE_CHOICES = 3  # words per free slot: a model that knows the task's text still loses ln 3 nats there
 QUESTION_TYPES = tuple(TEMPLATES)
 
 
@@ -92,8 +97,9 @@ def vocabulary() -> list[str]:
     for phrasings in TEMPLATES.values():
         for question, answer in phrasings:
             for word in (question + " " + answer).split():
-                if not word.startswith("{") and word not in words:
-                    words.append(word)
+                for choice in word.strip("[]").split("|") if word.startswith("[") else [word]:
+                    if not choice.startswith("{") and choice not in words:
+                        words.append(choice)
     for values in SLOTS.values():
         words.extend(v for v in values if v not in words)
     return words
@@ -170,25 +176,30 @@ def draw(scene: Scene, rng: np.random.Generator) -> np.ndarray:
 @dataclass(frozen=True)
 class QA:
     """One question and answer about a scene, as words; ``image_slots[i]`` names the slot of answer
-    word ``i`` when it is an image word (else None)."""
+    word ``i`` when it is an image word (else None); ``free[i]``: word ``i`` was drawn at random."""
 
     question: tuple[str, ...]
     answer: tuple[str, ...]
     image_slots: tuple[str | None, ...]
+    free: tuple[bool, ...]
 
 
-def ask(scene: Scene, qtype: str, phrasing: int) -> QA:
+def ask(scene: Scene, qtype: str, phrasing: int, rng: np.random.Generator) -> QA:
+    """The answer to a question about ``scene``; each free word drawn uniformly with ``rng``."""
     question, template = TEMPLATES[qtype][phrasing]
-    answer, slots = [], []
+    answer, slots, free = [], [], []
     for word in template.split():
         if word.startswith("{"):
             name = word[1:-1]
             answer.append(scene.slot(name))
-            slots.append(name)
+        elif word.startswith("["):
+            choices = word[1:-1].split("|")
+            answer.append(choices[int(rng.integers(0, len(choices)))])
         else:
             answer.append(word)
-            slots.append(None)
-    return QA(tuple(question.split()), tuple(answer), tuple(slots))
+        slots.append(word[1:-1] if word.startswith("{") else None)
+        free.append(word.startswith("["))
+    return QA(tuple(question.split()), tuple(answer), tuple(slots), tuple(free))
 
 
 class VQADataset(torch.utils.data.Dataset):
@@ -272,7 +283,7 @@ def generate(size: int, rng: np.random.Generator) -> list[tuple[Scene, QA, np.nd
     samples = []
     for _ in range(size):
         scene = random_scene(rng)
-        qa = ask(scene, str(rng.choice(QUESTION_TYPES)), int(rng.integers(0, 2)))
+        qa = ask(scene, str(rng.choice(QUESTION_TYPES)), int(rng.integers(0, 2)), rng)
         samples.append((scene, qa, draw(scene, rng)))
     return samples
 
@@ -294,5 +305,5 @@ def generate_balanced(per_type: int, rng: np.random.Generator) -> list[tuple[Sce
         for color, shape, count, corner, phrasing in columns:
             scene = random_scene(rng, color=list(COLORS)[color], shape=SHAPES[shape], count=int(count) + 1,
                                  corner=int(corner))
-            samples.append((scene, ask(scene, qtype, int(phrasing)), draw(scene, rng)))
+            samples.append((scene, ask(scene, qtype, int(phrasing), rng), draw(scene, rng)))
     return samples

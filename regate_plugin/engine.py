@@ -29,7 +29,7 @@ from .ema import EMATable
 from . import hookspecs
 from .hookspecs import StepStats
 from .loss import chunk_count, kept_token_loss
-from .packing import Packed, pack_plan
+from .packing import Packed, pack_plan, trim_to_loss
 from .plugins import (
     active_plugins,
     check_plugins,
@@ -63,7 +63,8 @@ class StepPlan:
     """What one micro-batch keeps, and where it goes in the packed row.
 
     ``packed`` lives on the model's device; ``host`` is the same plan on the CPU; units, keep
-    decisions and sample ids are CPU tensors.
+    decisions and sample ids are CPU tensors. ``keep_mask`` marks the positions in the packed row:
+    real, not elided, and attended by some kept unit of their sample (``packing.trim_to_loss``).
     """
 
     units: Units
@@ -102,6 +103,7 @@ class ReGATEEngine:
         )
         self.step = 0
         self._totals = [0, 0, 0, 0]  # supervised_total, supervised_kept, llm_tokens, padded_tokens
+        self._losses: list[tuple[torch.Tensor, torch.Tensor]] = []  # (flat index on host, losses on device)
 
     @property
     def packing_only(self) -> bool:
@@ -137,8 +139,8 @@ class ReGATEEngine:
             answer = first_result(self.pm, "regate_score", ema=ema, ref=ref, config=self.config)
             scores = checked_scores(*answer, n=len(units))
             answer = first_result(self.pm, "regate_select", scores=scores, units=units, keep_ratio=ratio, config=self.config)
-            unit_keep = checked_selection(*answer, units=units, per_sample=self.config.selection == "per_sample")
-        keep_mask = keep_mask_for(attention_mask, units, unit_keep)
+            unit_keep = checked_selection(*answer, units=units, per_sample=self.config.selection != "per_batch")
+        keep_mask = trim_to_loss(keep_mask_for(attention_mask, units, unit_keep), units)
         host = pack_plan(keep_mask, labels, units, position_ids)
         self._totals[0] += len(units)
         self._totals[1] += int(unit_keep.sum())
@@ -173,15 +175,28 @@ class ReGATEEngine:
         return mean * len(plan.units) / num_items_in_batch
 
     def record(self, plan: StepPlan, per_unit_losses: torch.Tensor) -> None:
-        """Queue the student's losses of the kept units (in ``packed.loss_rows`` order) for the EMA."""
+        """Queue the student's losses of the kept units (in ``packed.loss_rows`` order) for the EMA.
+        They stay on their device until ``end_step`` copies the step's losses over at once: no
+        device sync per micro-batch."""
         if self.packing_only:
             return
         rows = plan.host.loss_rows
-        self.ema.record(self.ema.flat_index(plan.sample_ids[plan.host.row[rows]], plan.host.unit_k[rows]), per_unit_losses)
+        flat = self.ema.flat_index(plan.sample_ids[plan.host.row[rows]], plan.host.unit_k[rows])
+        if flat.shape != per_unit_losses.shape:
+            raise ValueError(f"{flat.numel()} kept units but {per_unit_losses.numel()} losses: pass one loss per loss row")
+        self._losses.append((flat, per_unit_losses.detach()))
+
+    def _queue_losses(self) -> None:
+        """The step's recorded losses into the EMA's queue: one device-to-host copy per optimizer step."""
+        if self._losses:
+            losses = torch.cat([loss.to(self._losses[0][1].device, torch.float32) for _, loss in self._losses])
+            self.ema.record(torch.cat([flat for flat, _ in self._losses]), losses.cpu())
+            self._losses.clear()
 
     def end_step(self, group: Any = None) -> StepStats:
         """Commit the step's EMA updates (all ranks), report the step's token counts, advance the step."""
         if not self.packing_only:
+            self._queue_losses()
             inits = self.ema.commit(group)
             if self.online:
                 self.refcache.fill(*inits)
@@ -192,6 +207,8 @@ class ReGATEEngine:
         return stats
 
     def state_dict(self) -> dict[str, Any]:
+        if self._losses:
+            raise RuntimeError("ReGATEEngine.state_dict() called with losses of an unfinished step: call end_step() first")
         ema = None if self.packing_only else self.ema.state_dict()
         return {"step": self.step, "ema": ema, "config": self.config.to_dict(), "plugins": active_plugins(self.pm)}
 
@@ -200,6 +217,7 @@ class ReGATEEngine:
             raise ValueError("the saved ReGATE state and this run disagree on packing-only mode (a reference cache)")
         if not self.packing_only:
             self.ema.load_state_dict(state["ema"])
+        self._losses.clear()
         self.step = int(state["step"])
 
     def __getstate__(self) -> dict[str, Any]:

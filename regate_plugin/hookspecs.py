@@ -43,7 +43,8 @@ class Target:
     scoring_source: builds the teacher pass's ``ScoringSource`` from the arguments after ``--`` of
     ``regate score`` and the teacher's path, with the target's own preprocessing; ``regate train``
     builds it too (teacher ``""``) from the upstream arguments, and checks ``--ref-cache`` against
-    its ``expected()`` fingerprint fields before upstream loads any weight.
+    its ``expected()`` fingerprint fields before upstream loads any weight;
+    details: further lines for ``regate targets`` (the hf target's classes, ranges and tests).
     """
 
     name: str
@@ -52,6 +53,12 @@ class Target:
     apply: Callable[["ReGATEConfig", str | None], None] | None = None
     launch: Callable[[list[str], str | None], None] | None = None
     scoring_source: Callable[[list[str], str], "ScoringSource"] | None = None
+    details: tuple[str, ...] = ()
+
+
+class TargetRefusal(ValueError):
+    """A target refuses a setting of the codebase it patches that ReGATE cannot train with; the message
+    says why and what to set instead (``regate`` shows it as one ``Error:`` line)."""
 
 
 @dataclass(frozen=True)

@@ -23,16 +23,20 @@ def kept_token_loss(
 
     hidden: (T, D) or (1, T, D) final hidden states of the packed row; rows: (U,) packed positions
     to score; targets: (U,) their next-token labels. The LM head is called as a module, so ZeRO-3
-    gathers its weight. With gradients on, each chunk's logits are recomputed in backward instead
-    of being kept, so no more than ``chunk_rows`` rows of logits exist at once. ``min_chunks`` pads
+    gathers its weight. With gradients on and more than one chunk, each chunk's logits are
+    recomputed in backward instead of being kept, so no more than ``chunk_rows`` rows of logits
+    exist at once; a single chunk keeps its logits (the LM head runs last in forward and first in
+    backward, so recomputing them would cost a head forward and lower no peak). ``min_chunks`` pads
     with empty chunks: under ZeRO-3 every rank must call the LM head equally often (each call
-    gathers its weight collectively), so ranks pass the largest chunk count of any rank.
+    gathers its weight collectively), so ranks pass the largest chunk count of any rank, which also
+    makes them agree on recomputing.
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     selected = hidden[rows]
-    recompute = torch.is_grad_enabled()
+    chunks = max(chunk_count(rows.numel(), chunk_rows), min_chunks)
+    recompute = torch.is_grad_enabled() and chunks > 1
     losses = []
-    for chunk in range(max(chunk_count(rows.numel(), chunk_rows), min_chunks)):
+    for chunk in range(chunks):
         part = (selected[chunk * chunk_rows : (chunk + 1) * chunk_rows], targets[chunk * chunk_rows : (chunk + 1) * chunk_rows])
         if recompute:
             losses.append(checkpoint(_row_losses, lm_head, *part, use_reentrant=False))

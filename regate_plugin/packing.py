@@ -52,6 +52,28 @@ class Packed:
         return dataclasses.replace(self, **moved)
 
 
+def trim_to_loss(keep_mask: torch.Tensor, units: Units) -> torch.Tensor:
+    """``keep_mask`` less every position no kept loss row attends to: per row, the positions after its
+    last kept supervised position (a later turn whose answers were all elided, the final EOS), and so
+    a whole row without any (no supervised unit, or all of them elided). Attention is causal, so the
+    loss, its gradients and the kept units' hidden states are those of the untrimmed row (equal up
+    to the kernels' rounding for another segment length).
+
+    When no row keeps a loss row at all, the first real position stays: the decoder still runs on a
+    one-token row, so every rank calls every layer (ZeRO-3 gathers, DDP's gradient hooks) and the
+    zero loss still reaches every parameter.
+    """
+    if keep_mask.numel() == 0:
+        return keep_mask
+    columns = torch.arange(keep_mask.shape[1], device=keep_mask.device)
+    last = torch.where(units.supervised & keep_mask, columns, -1).amax(dim=1)
+    trimmed = keep_mask & (columns[None, :] <= last[:, None])
+    if not bool(trimmed.any()) and bool(keep_mask.any()):
+        first = int(keep_mask.flatten().nonzero()[0])
+        trimmed.view(-1)[first] = True
+    return trimmed
+
+
 def pack_plan(
     keep_mask: torch.Tensor,
     labels: torch.Tensor,

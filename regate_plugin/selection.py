@@ -1,4 +1,8 @@
-"""Scores and selection: d = m + lambda*ref, then the top share of units per sample (or per batch)."""
+"""Scores and selection: d = m + lambda*ref, then the top share of units per sample (or per batch).
+
+Beyond the paper: ``learnable_scores`` discounts units whose loss the student cannot reduce, and
+``select_adaptive`` spreads one micro-batch budget over its samples by score.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,24 @@ from .units import Units
 def difficulty_scores(ema: torch.Tensor, ref: torch.Tensor, ref_weight: float) -> torch.Tensor:
     """d[s,k] = m[s,k] + lambda * ref[s,k]: hard for the student, or needs the picture."""
     return ema + ref_weight * ref
+
+
+def learnable_scores(ema: torch.Tensor, ref: torch.Tensor, ref_weight: float, ema_beta: float,
+                     discount: float) -> torch.Tensor:
+    """m + lambda*ref, times ``discount`` where the student looks stuck at the teacher's loss.
+
+    The EMA starts at the reference loss (m == ref until the unit's first update). One update with
+    loss l moves it by (1-beta)*(ref-l), so learned = (ref-m) / ((1-beta)*ref) is the share of the
+    teacher's loss the student removed, exact after one visit. A unit that was updated (m != ref)
+    yet removed less than half of it sits at the teacher's loss: one of several interchangeable
+    words, unpredictable from text and picture alike. Its high m and ref would take the slot of a
+    word that needs the picture; the discount gives that slot back. Unvisited units keep the paper's
+    score, and one later visit with a low loss lifts the discount: no second teacher pass, no state
+    beyond the EMA.
+    """
+    learned = (ref - ema) / ((1.0 - ema_beta) * ref.clamp(min=1e-6))
+    stuck = (ema != ref) & (learned < 0.5)
+    return torch.where(stuck, discount, 1.0) * difficulty_scores(ema, ref, ref_weight)
 
 
 def keep_quota(counts: torch.Tensor, keep_ratio: float) -> torch.Tensor:
@@ -34,17 +56,46 @@ def select_units(
     if torch.isnan(scores).any():
         raise ValueError("scores contain NaN: check the reference cache and the EMA table for non-finite values")
     # Units arrive row-major (row, then position). Stable sorts keep that order among equal keys.
-    order = torch.sort(scores, descending=True, stable=True).indices
+    order, rank = rank_in_sample(scores, units)
     if per_batch:
-        rank = torch.empty(n, dtype=torch.long, device=scores.device)
-        rank[order] = torch.arange(n, device=scores.device)
-        quota = keep_quota(torch.tensor([n], device=scores.device), keep_ratio)
-        return rank < quota
-    order = order[torch.sort(units.row[order], stable=True).indices]
+        keep = torch.zeros(n, dtype=torch.bool, device=scores.device)
+        keep[order[: int(keep_quota(torch.tensor([n]), keep_ratio))]] = True
+        return keep
+    return rank < keep_quota(units.counts, keep_ratio)[units.row]
+
+
+def rank_in_sample(scores: torch.Tensor, units: Units) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch order, rank of each unit within its sample): highest score first, ties to the earlier
+    unit, as ``select_units``; the batch order is a permutation of the units in that order."""
+    n = len(units)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    by_row = order[torch.sort(units.row[order], stable=True).indices]
     starts = units.counts.cumsum(0) - units.counts
     rank = torch.empty(n, dtype=torch.long, device=scores.device)
-    rank[order] = torch.arange(n, device=scores.device) - starts[units.row[order]]
-    return rank < keep_quota(units.counts, keep_ratio)[units.row]
+    rank[by_row] = torch.arange(n, device=scores.device) - starts[units.row[by_row]]
+    return order, rank
+
+
+def select_adaptive(scores: torch.Tensor, units: Units, keep_ratio: float, cap: float) -> torch.Tensor:
+    """(n,) bool: ceil(p*N) units of the micro-batch (at least one per sample with units), allocated
+    by score: every sample's best unit, then the batch's best of the rest, at most
+    ceil(cap*p*n_s) units of a sample. A sample with several picture-dependent words keeps more of
+    them; one with none gives its slots away. Deterministic: ties as ``select_units``."""
+    n = len(units)
+    if keep_ratio >= 1.0 or n == 0:
+        return torch.ones(n, dtype=torch.bool, device=scores.device)
+    if torch.isnan(scores).any():
+        raise ValueError("scores contain NaN: check the reference cache and the EMA table for non-finite values")
+    order, rank = rank_in_sample(scores, units)
+    floor = rank == 0
+    samples = int((units.counts > 0).sum())
+    budget = max(samples, int(keep_quota(torch.tensor([n]), keep_ratio)))
+    # greedy in batch order, skipping full samples == the best (budget - samples) of the units under their cap
+    under_cap = rank < keep_quota(units.counts, min(1.0, cap * keep_ratio))[units.row]
+    extra = order[(under_cap & ~floor)[order]][: budget - samples]
+    keep = floor.clone()
+    keep[extra] = True
+    return keep
 
 
 def keep_mask_for(attention_mask: torch.Tensor | None, units: Units, unit_keep: torch.Tensor) -> torch.Tensor:

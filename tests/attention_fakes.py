@@ -5,6 +5,9 @@ flash-attn 2.8.3 and 2.5.9.post1 ``flash_attn_varlen_func`` (2.5 has no ``softca
 ``torch.nn.attention.varlen.varlen_attn`` of torch 2.10.0 (``is_causal``, no scale, no window),
 2.11.0 (keyword-only ``scale`` and ``window_size``; causal is ``window_size == (-1, 0)``) and
 2.12.0/2.13.0 (adds ``enable_gqa`` and paged-cache arguments). torch 2.9 has no varlen module.
+FlashAttention-4 4.0.0b40 (``flash_attn.cute.flash_attn_varlen_func``): ``qv`` is the fourth
+positional parameter, window bounds may be None, no dropout, returns ``(out, lse)``; it requires
+compute capability 9.x-12.x and head dims 8-256 (Hopper) or 8-128 / 256 (Blackwell).
 A fake checks what the kernel requires (fp16/bf16, (T, H, D) with a contiguous last dimension, int32
 cu_seqlens covering the row, max_seqlen the longest segment, the heads it accepts), records the call
 in ``calls``, and computes the kernel's result with its own per-segment SDPA loop in float32,
@@ -140,3 +143,37 @@ def varlen_attn_2_12_fake(calls: list[dict[str, Any]]) -> Callable[..., torch.Te
         return _windowed(query, key, value, cu_seq_q, scale, window_size)
 
     return varlen_attn
+
+
+def flash_attn_4_varlen_func_fake(calls: list[dict[str, Any]], capability: int = 9) -> Callable[..., Any]:
+    """FlashAttention-4 4.0.0b40's ``flash_attn.cute.flash_attn_varlen_func`` on a GPU of ``capability``
+    (major): causal sets the right window bound to 0; a negative or None left bound is unbounded."""
+
+    def flash_attn_varlen_func(
+        q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+        min_seqlen_k=None, seqused_q=None, seqused_k=None, gather_kv_indices=None, page_table=None,
+        softmax_scale=None, causal=False, window_size=(None, None), learnable_sink=None, softcap=0.0, num_splits=1,
+        pack_gqa=None, deterministic=False, score_mod=None, score_mod_bwd=None, mask_mod=None,
+        block_sparse_tensors=None, aux_tensors=None, aux_scalars=None, return_lse=False, scheduler_metadata=None,
+        seqlen_k_per_split=None, disable_scheduler_metadata=False, gather_bwd_recompute_p=False,
+        gather_bwd_token_chunk=None, config=None, scales=None,
+    ):
+        if capability not in (9, 10, 11, 12):
+            raise AssertionError("Unsupported compute capability. Supported: 9.x, 10.x, 11.x, 12.x")
+        if qv is not None:
+            raise RuntimeError("qv (MLA) is not what a packed row passes: cu_seqlens went in positionally?")
+        head_dim = q.shape[-1]
+        top = 256 if capability == 9 else 128
+        if not (8 <= head_dim <= top or (capability in (10, 11) and head_dim == 256)) or head_dim % 8:
+            raise AssertionError(f"(head_dim, head_dim_v)=({head_dim}, {head_dim}) is not supported on SM{capability}0")
+        _check(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gqa=True)
+        calls.append(dict(q=q, k=k, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                          softcap=softcap))
+        left, right = window_size
+        left = -1 if left is None or left < 0 else left
+        right = 0 if causal else (-1 if right is None or right < 0 else right)
+        out = _emulate(q, k, v, cu_seqlens_q, softmax_scale, left, right, 0.0, softcap)
+        lse = torch.zeros(q.shape[1], q.shape[0], dtype=torch.float32)
+        return out, lse
+
+    return flash_attn_varlen_func

@@ -166,7 +166,7 @@ def test_auto_resolves_to_sdpa_on_cpu():
     assert resolve_backend("sdpa", CPU, torch.float32) == "sdpa"
 
 
-@pytest.mark.parametrize("backend", ["flash", "torch"])
+@pytest.mark.parametrize("backend", ["flash4", "flash", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_forcing_cuda_backend_on_cpu_raises(backend, dtype):
     with pytest.raises(BackendUnavailable) as info:
@@ -228,7 +228,7 @@ def test_empty_env_var_is_ignored(monkeypatch):
     assert "(from attn_backend)" in str(info.value)
 
 
-@pytest.mark.parametrize("backend", ["flash", "torch"])
+@pytest.mark.parametrize("backend", ["flash4", "flash", "torch"])
 def test_why_unavailable_cuda_float32_names_dtype(backend):
     reason = why_unavailable(backend, torch.device("cuda"), torch.float32)
     assert reason is not None
@@ -429,9 +429,11 @@ def fake_cuda(monkeypatch):
     """The device check says CUDA; ``use(flash=..., torch=...)`` puts fake kernels behind the lookups."""
     monkeypatch.setattr(attention, "_accelerated", lambda device: True, raising=False)
 
-    def use(flash=None, varlen=None):
+    def use(flash=None, varlen=None, flash4=None, capability=(9, 0)):
         monkeypatch.setattr(attention, "_flash_varlen", lambda: flash)
         monkeypatch.setattr(attention, "_torch_varlen", lambda: varlen)
+        monkeypatch.setattr(attention, "_flash4_varlen", lambda: flash4)
+        monkeypatch.setattr(attention, "_capability", lambda device: capability)
 
     use()
     return use
@@ -441,12 +443,12 @@ def half_qkv(T, Hq, Hkv, D, gen, dtype=torch.float16):
     return tuple(t.to(dtype) for t in make_qkv(T, Hq, Hkv, D, gen))
 
 
-def check_against_reference(out, q, k, v, cu, grad=True, **ref_kwargs):
+def check_against_reference(out, q, k, v, cu, grad=True, atol=HALF_ATOL, **ref_kwargs):
     """Output (and gradients) of a half-precision call against the float32 reference on the same inputs."""
     ref_inputs = [t.float().requires_grad_(True) for t in (q, k, v)]
     ref = reference_attention(*ref_inputs, cu, **ref_kwargs)
     assert out.dtype == q.dtype and out.shape == ref.shape
-    torch.testing.assert_close(out.float(), ref, atol=HALF_ATOL, rtol=0)
+    torch.testing.assert_close(out.float(), ref, atol=atol, rtol=0)
     return ref_inputs, ref
 
 
@@ -579,6 +581,84 @@ def test_fake_of_torch_varlen_has_the_installed_signature():
         return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
 
     assert shape(attention_fakes.varlen_attn_2_12_fake([])) == shape(varlen_attn)
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("capability", [(9, 0), (10, 0)], ids=["hopper", "blackwell"])
+def test_flash4_call_path(fake_cuda, heads, capability):
+    calls = []
+    fake_cuda(flash4=attention_fakes.flash_attn_4_varlen_func_fake(calls, capability[0]),
+              flash=attention_fakes.flash_attn_varlen_func_fake([]), capability=capability)
+    gen = torch.Generator().manual_seed(24)
+    cu = cu_from_lengths(LENGTHS)
+    q, k, v = half_qkv(sum(LENGTHS), *heads, 16, gen, dtype=torch.bfloat16)
+    inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = varlen_attention(*inputs, cu, max(LENGTHS), scale=0.2)  # auto: flash-attn-4 first
+    ref_inputs, ref = check_against_reference(out, q, k, v, cu, scale=0.2, atol=1e-2)
+    grad_out = torch.randn(out.shape, generator=gen)
+    out.backward(grad_out.bfloat16())
+    ref.backward(grad_out)
+    for got, want in zip(inputs, ref_inputs):
+        torch.testing.assert_close(got.grad.float(), want.grad, atol=5e-2, rtol=0)
+    (call,) = calls
+    assert call["causal"] is True and call["softmax_scale"] == 0.2
+    assert call["window_size"] == (None, None) and call["softcap"] == 0.0  # the defaults: nothing else asked for
+    assert call["k"].shape[1] == heads[1]  # GQA as it is
+
+
+def test_flash4_honours_window_and_softcap_and_refuses_dropout(fake_cuda):
+    calls = []
+    fake_cuda(flash4=attention_fakes.flash_attn_4_varlen_func_fake(calls))
+    gen = torch.Generator().manual_seed(25)
+    cu, T = cu_from_lengths(LENGTHS), sum(LENGTHS)
+    q, k, v = half_qkv(T, 4, 2, 16, gen)
+    cols = columns(LENGTHS, gaps=False, gen=gen)
+    out = varlen_attention(q, k, v, cu, 8, window=3, cols=cols, max_span=8, softcap=2.0, backend="flash4")
+    check_against_reference(out, q, k, v, cu, window=3, cols=cols, softcap=2.0)
+    assert calls[-1]["window_size"] == (2, 0) and calls[-1]["softcap"] == 2.0
+    with pytest.raises(UnsupportedAttention, match=r"flash-attn-4 has no attention dropout \(dropout=0.1\)"):
+        varlen_attention(q, k, v, cu, 8, dropout_p=0.1)
+    with pytest.raises(UnsupportedAttention, match="elided tokens"):
+        varlen_attention(q, k, v, cu, 8, window=4, cols=columns(LENGTHS, gaps=True, gen=gen), max_span=20)
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (8, 9), (7, 5)])
+def test_flash4_is_skipped_by_auto_and_refused_when_forced_before_hopper(fake_cuda, capability):
+    fake_cuda(flash4=attention_fakes.flash_attn_4_varlen_func_fake([], capability[0]),
+              flash=attention_fakes.flash_attn_varlen_func_fake([]), capability=capability)
+    cuda = torch.device("cuda")
+    assert resolve_backend("auto", cuda, torch.bfloat16) == "flash"
+    with pytest.raises(BackendUnavailable, match=rf"Hopper and Blackwell .* this GPU is {capability[0]}.{capability[1]}"):
+        resolve_backend("flash4", cuda, torch.bfloat16)
+
+
+def test_flash4_order_and_reasons(fake_cuda):
+    cuda = torch.device("cuda")
+    fake_cuda(flash4=attention_fakes.flash_attn_4_varlen_func_fake([]), flash=attention_fakes.flash_attn_varlen_func_fake([]))
+    assert resolve_backend("auto", cuda, torch.float16) == "flash4"  # Hopper: before flash-attn 2
+    assert "fp16 or bf16" in why_unavailable("flash4", cuda, torch.float32)
+    fake_cuda(flash=attention_fakes.flash_attn_varlen_func_fake([]))
+    assert "flash-attn-4 is not installed" in why_unavailable("flash4", cuda, torch.bfloat16)
+    assert resolve_backend("auto", cuda, torch.bfloat16) == "flash"
+
+
+def test_flash_attn_4_alone_does_not_pass_for_flash_attn_2(monkeypatch, tmp_path):
+    """flash-attn-4 installs ``flash_attn/cute`` only: ``flash_attn`` is then a namespace package
+    without ``flash_attn_varlen_func``, and the flash backend must call itself not installed."""
+    cute = tmp_path / "flash_attn" / "cute"
+    cute.mkdir(parents=True)
+    (cute / "__init__.py").write_text("def flash_attn_varlen_func(q, k, v, qv=None):\n    return q, None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("flash_attn", "flash_attn.cute"):
+        monkeypatch.delitem(__import__("sys").modules, name, raising=False)
+    attention._flash_varlen.cache_clear()
+    attention._flash4_varlen.cache_clear()
+    try:
+        assert attention._flash_varlen() is None
+        assert attention._flash4_varlen().__module__ == "flash_attn.cute"
+    finally:
+        attention._flash_varlen.cache_clear()
+        attention._flash4_varlen.cache_clear()
 
 
 # ---------------------------------------------------------------- which backend runs, said once

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from regate_plugin import ReGATEConfig, demo
 from regate_plugin import demo_task as task
+from regate_plugin.demo import frontier
 from regate_plugin.cli import main
 from regate_plugin.refcache import RefCache
 from regate_plugin.schedule import keep_ratio_at, sparse_step_count
@@ -182,21 +183,23 @@ def test_short_demo_writes_what_it_promises(short_demo):
     assert dense["config"]["keep_ratio"] == 1.0 and regate["config"]["keep_ratio"] == 0.5
 
 
-def test_teacher_finds_template_words_easy_and_image_words_hard(short_demo):
+def test_teacher_finds_template_words_easy_and_image_and_free_words_hard(short_demo):
     """The premise of the demo, read from the reference cache that the real teacher pass wrote."""
     _, _, _, work = short_demo
     cache = RefCache.open(work / "refcache")
     samples = task.generate(demo.TRAIN_SAMPLES, np.random.default_rng([3, 0]))
     assert cache.num_samples == len(samples)
-    image, template = [], []
+    image, template, free = [], [], []
     for i in range(0, len(samples), 16):
         _, qa, _ = samples[i]
         losses = cache.sample(i).astype(np.float64)
         assert len(losses) == len(qa.answer) + 1  # every answer word and the end of sentence
-        for loss, slot in zip(losses, qa.image_slots):
-            (template if slot is None else image).append(loss)
-    # chance over 2-6 values is 0.69-1.79 nats; the text predicts template words almost surely
+        for loss, slot, drawn in zip(losses, qa.image_slots, qa.free):
+            (free if drawn else template if slot is None else image).append(loss)
+    # chance over 2-6 values is 0.69-1.79 nats; the text predicts template words almost surely; a free
+    # word is one of three, whatever the text: ln 3 = 1.10 nats, as high as an image word
     assert np.mean(image) > 0.6 and np.mean(template) < 0.1
+    assert abs(np.mean(free) - math.log(task.FREE_CHOICES)) < 0.15
 
 
 def test_demo_refuses_a_non_empty_work_folder(tmp_path):
@@ -231,3 +234,91 @@ def test_image_word_accuracy_counts_only_image_words():
     present = {task.KINDS[k - 1] for k in batch["image_word"].unique().tolist() if k > 0}
     assert all(right[k] == 1.0 for k in present)
     assert all(math.isnan(right[k]) for k in set(task.KINDS) - present)
+
+
+# --- free words and the frontier sweep ---------------------------------------------------------
+
+
+def test_free_words_are_drawn_from_their_choices_and_marked():
+    samples = task.generate(300, np.random.default_rng(7))
+    seen: dict[tuple[str, int], set] = {}
+    for _, qa, _ in samples:
+        assert sum(qa.free) == 1 and len(qa.free) == len(qa.answer)
+        i = qa.free.index(True)
+        assert qa.image_slots[i] is None
+        seen.setdefault((" ".join(qa.question), i), set()).add(qa.answer[i])
+    # every free slot takes all of its three words, and nothing else
+    for (question, i), words in seen.items():
+        template = next(a for q, a in sum(task.TEMPLATES.values(), ()) if q == question).split()[i]
+        assert words == set(template.strip("[]").split("|")) and len(words) == task.FREE_CHOICES
+
+
+def _rows(runs):
+    return frontier.frontier_rows({frontier.run_key(arm, keep, seed): run for (arm, keep, seed), run in runs.items()})
+
+
+def _run(tokens, accuracies):
+    curve = [{"supervised_tokens": t, "val_accuracy": a} for t, a in zip(tokens, accuracies)]
+    return {"supervised_tokens": tokens[-1], "val_accuracy": accuracies[-1], "curve": curve}
+
+
+def test_frontier_rows_and_acceptance_by_hand():
+    runs = {
+        ("dense", 1.0, 0): _run([0, 100, 200], [0.2, 0.8, 1.0]),
+        ("regate", 0.25, 0): _run([0, 40, 70], [0.2, 0.95, 0.97]),  # 3 points below dense: fails
+        ("learnable", 0.25, 0): _run([0, 40, 76], [0.2, 0.92, 0.995]),
+        ("dense", 1.0, 1): _run([0, 100, 200], [0.2, 0.5, 0.9]),
+        ("regate", 0.25, 1): _run([0, 40, 70], [0.2, 0.7, 0.9]),
+        ("learnable", 0.25, 1): _run([0, 40, 76], [0.2, 0.6, 0.8]),  # below dense where the paper is not: allowed
+    }
+    rows = {(r["arm"], r["seed"]): r for r in _rows(runs)}
+    assert rows[("regate", 0)]["supervised_share"] == pytest.approx(0.35)
+    assert rows[("learnable", 0)]["tokens_to_90pct_of_dense"] == pytest.approx(0.2)  # 0.92 >= 0.9 * 1.0 at 40
+    assert rows[("learnable", 1)]["tokens_to_90pct_of_dense"] is None  # never 0.81
+    assert rows[("dense", 1)]["tokens_to_90pct_of_dense"] == 1.0 and rows[("dense", 1)]["keep_ratio"] == 1.0
+    verdict = frontier.acceptance(list(rows.values()))
+    assert verdict == [{"arm": "learnable", "keep_ratio": 0.25, "max_supervised_share": pytest.approx(0.38),
+                        "paper_fails_on_seeds": [0], "within_one_point_on": [0], "accept": True}]
+    runs[("learnable", 0.25, 0)] = _run([0, 40, 90], [0.2, 0.92, 0.995])  # 45% of dense's tokens
+    assert not frontier.acceptance(_rows(runs))[0]["accept"]
+    assert "regate                0.25   35.0%     0.935   -3.0  +0.0" in frontier.format_frontier(_rows(runs))
+
+
+def test_planned_runs_put_dense_first_then_keep_by_keep():
+    plan = frontier.planned_runs(["dense", "regate", "learnable"], [0.25, 0.1], [0, 1])
+    assert plan[:2] == [("dense", 1.0, 0), ("dense", 1.0, 1)]
+    assert plan[2:6] == [("regate", 0.25, 0), ("learnable", 0.25, 0), ("regate", 0.25, 1), ("learnable", 0.25, 1)]
+    assert len(plan) == 2 + 2 * 2 * 2 and plan[-1] == ("learnable", 0.1, 1)
+    config = frontier.arm_config("adaptive-learnable", 0.1, 600)
+    assert (config.keep_ratio, config.selection, config.score) == (0.1, "adaptive", "learnable")
+    assert frontier.arm_config("ema-only", 0.1, 600).ref_weight == 0.0
+    assert frontier.arm_config("dense", 0.1, 600).keep_ratio == 1.0
+
+
+def test_sweep_through_the_cli_writes_the_schema_and_resumes(tmp_path, monkeypatch):
+    from regate_plugin.demo import runs as demo_runs
+
+    monkeypatch.setattr(demo_runs, "PRETRAIN_STEPS", 5)
+    monkeypatch.setattr(demo_runs, "VISION_STEPS", 5)
+    args = ["demo", "--arms", "dense,regate,random", "--keep", "0.25", "--seeds", "1", "--steps", "10",
+            "--out", str(tmp_path), "--no-progress"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert first.output.startswith("frontier: 3 runs of 10 steps (0 done), 1 seed(s) to prepare: estimated")
+    saved = json.loads((tmp_path / "frontier.json").read_text())
+    assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [(r["arm"], r["keep_ratio"], r["seed"]) for r in saved["rows"]] == [
+        ("dense", 1.0, 0), ("random", 0.25, 0), ("regate", 0.25, 0)]
+    for row in saved["rows"]:
+        assert set(row) == {"arm", "keep_ratio", "seed", "supervised_share", "final_accuracy", "tokens_to_90pct_of_dense"}
+        assert 0.0 < row["supervised_share"] <= 1.0 and 0.0 <= row["final_accuracy"] <= 1.0
+    dense, regate, random = (saved["runs"][frontier.run_key(a, 0.25, 0)] for a in ("dense", "regate", "random"))
+    assert random["supervised_tokens"] == regate["supervised_tokens"] < dense["supervised_tokens"]
+    # a second start finds every run done: nothing is trained again, the file is unchanged
+    monkeypatch.setattr(frontier, "train_run", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert "(3 done), 0 seed(s) to prepare" in again.output
+    assert json.loads((tmp_path / "frontier.json").read_text())["runs"] == saved["runs"]
+    other = CliRunner().invoke(main, [*args[:-3], "--steps", "12", "--out", str(tmp_path), "--no-progress"])
+    assert other.exit_code == 2 and "other settings" in other.output

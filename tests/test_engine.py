@@ -77,6 +77,16 @@ class ToyLM(torch.nn.Module):
         return x + att.transpose(0, 1).reshape(-1, DIM)
 
 
+def needed_positions(mask, units, unit_keep):
+    """Brute force: real, not elided, and attended by some kept unit of its row (at or after it)."""
+    candidates = mask.bool().clone()
+    candidates[units.row[~unit_keep], units.col[~unit_keep]] = False
+    needed = torch.zeros_like(candidates)
+    for b, j in zip(units.row[unit_keep].tolist(), units.col[unit_keep].tolist()):
+        needed[b, : j + 1] |= candidates[b, : j + 1]
+    return needed
+
+
 def reference_loss(model, tokens, labels, mask, keep_mask):
     """Delete elided positions from each sample, keep original positions, run the sample alone."""
     losses = []
@@ -98,7 +108,8 @@ def test_packed_sparse_loss_equals_per_sample_deletion(cache, step):
     counts = unit_counts(labels, mask)
     expected_kept = counts if step == 0 else [math.ceil(n / 2) for n in counts]
     assert [int(plan.unit_keep[plan.units.row.cpu() == b].sum()) for b in range(3)] == expected_kept
-    assert plan.keep_mask.sum() == mask.sum() - (sum(counts) - sum(expected_kept))
+    assert torch.equal(plan.keep_mask, needed_positions(mask, plan.units, plan.unit_keep))
+    assert plan.packed.num_tokens == int(plan.keep_mask.sum()) < int(mask.sum()) - (sum(counts) - sum(expected_kept))
 
     model = ToyLM()
     hidden = model.hidden_packed(tokens, plan.packed)
@@ -123,6 +134,52 @@ def test_packed_sparse_loss_equals_per_sample_deletion(cache, step):
     assert (stats.step, stats.supervised_total, stats.supervised_kept) == (step, sum(counts), sum(expected_kept))
     assert stats.llm_tokens == plan.packed.num_tokens and stats.padded_tokens == labels.numel()
     assert engine.step == step + 1
+
+
+def test_samples_without_a_kept_unit_leave_the_packed_row_but_stay_counted(tmp_path):
+    """Row 1 (sample 0) loses every unit to per-batch selection, row 3 (sample 1) has no supervised
+    token at all: neither reaches the decoder; counts, loss and EMA are those of the kept units."""
+    tokens, labels, mask = toy_batch()
+    tokens, mask = torch.cat([tokens, tokens[:1]]), torch.cat([mask, mask[:1]])
+    labels = torch.cat([labels, torch.full((1, 12), IGNORE_INDEX)])
+    counts = unit_counts(labels, mask)
+    assert counts == [6, 4, 8, 0]
+    gen = torch.Generator().manual_seed(3)
+    per_sample = [torch.zeros(4), torch.zeros(0), torch.rand(8, generator=gen) + 5, torch.rand(1),
+                  torch.rand(6, generator=gen) + 5]
+    engine = ReGATEEngine(ReGATEConfig(warmup=0, dense_steps=0, keep_ratio=0.5, selection="per_batch"),
+                          write_cache(tmp_path / "c", FP, per_sample))
+    ids = torch.tensor([4, 0, 2, 1])
+    plan = engine.plan(labels, mask, ids)
+    assert [int(plan.unit_keep[plan.units.row == b].sum()) for b in range(4)][1::2] == [0, 0]
+    assert sorted(set(plan.packed.row.tolist())) == [0, 2]  # rows 1 and 3 run through no layer
+    assert torch.equal(plan.keep_mask, needed_positions(mask, plan.units, plan.unit_keep))
+    assert plan.packed.cu_seqlens.tolist() == [0, int(plan.keep_mask[0].sum()), plan.packed.num_tokens]
+
+    model = ToyLM()
+    before = engine.ema.values.clone()
+    loss = engine.loss(plan, model.hidden_packed(tokens, plan.packed), model.head)
+    assert loss.item() == pytest.approx(reference_loss(model, tokens, labels, mask, plan.keep_mask).item(), abs=1e-5)
+    stats = engine.end_step()
+    assert (stats.supervised_total, stats.supervised_kept) == (18, 9)
+    assert (stats.llm_tokens, stats.padded_tokens) == (plan.packed.num_tokens, labels.numel())
+    offsets = engine.ema.offsets
+    assert torch.equal(engine.ema.values[offsets[0] : offsets[1]], before[offsets[0] : offsets[1]])  # sample 0
+    assert int((engine.ema.values != before).sum()) == 9
+
+
+def test_a_micro_batch_without_any_kept_unit_runs_one_token():
+    """Nothing supervised: the decoder still runs (one token), so every rank calls every layer."""
+    tokens, _, mask = toy_batch()
+    labels = torch.full_like(tokens, IGNORE_INDEX)
+    engine = ReGATEEngine(ReGATEConfig(), None)
+    plan = engine.plan(labels, mask, None)
+    assert plan.packed.num_tokens == 1 and plan.packed.cu_seqlens.tolist() == [0, 1]
+    model = ToyLM()
+    loss = engine.loss(plan, model.hidden_packed(tokens, plan.packed), model.head)
+    loss.backward()
+    assert loss.item() == 0.0 and model.qkv.weight.grad is not None and not model.qkv.weight.grad.any()
+    assert engine.end_step().llm_tokens == 1
 
 
 def test_sparse_selection_follows_scores(cache):
@@ -229,12 +286,13 @@ def test_packing_only_engine_keeps_everything_without_cache():
     engine = ReGATEEngine(ReGATEConfig(warmup=0, dense_steps=0, keep_ratio=0.1), None)
     plan = engine.plan(labels, mask, None)  # no sample indices needed
     assert plan.keep_ratio == 1.0 and plan.unit_keep.all()
-    assert torch.equal(plan.keep_mask, mask.bool())
+    assert torch.equal(plan.keep_mask, needed_positions(mask, plan.units, plan.unit_keep))
     model = ToyLM()
     loss = engine.loss(plan, model.hidden_packed(tokens, plan.packed), model.head)
     assert loss.item() == pytest.approx(reference_loss(model, tokens, labels, mask, mask.bool()).item(), abs=1e-5)
     stats = engine.end_step()
-    assert stats.llm_tokens == int(mask.sum()) and stats.supervised_kept == stats.supervised_total
+    assert stats.llm_tokens == int(mask.sum()) - 3  # each row's last token: no loss row attends to it
+    assert stats.supervised_kept == stats.supervised_total
     assert engine.state_dict()["ema"] is None
 
 
@@ -295,3 +353,35 @@ def test_target_digests_follow_units_with_the_attention_mask():
     got = target_digests(labels, find_units(labels, mask))
     assert got.dtype == "uint64"
     assert got.tolist() == [independent_digest(labels[b], mask[b]) for b in range(3)]
+
+
+def test_losses_stay_on_their_device_until_end_step(cache):
+    """record() keeps the losses where they are (here on the meta device, which cannot be read): the
+    only device-to-host copy of the step is in end_step, so a micro-batch's forward never syncs."""
+    tokens, labels, mask = toy_batch()
+    engine = ReGATEEngine(ReGATEConfig(warmup=0, dense_steps=0), cache)
+    plan = engine.plan(labels, mask, SAMPLE_IDS)
+    n = plan.packed.loss_rows.numel()
+    engine.record(plan, torch.empty(n, device="meta"))
+    assert engine.ema._pending_loss == []
+    with pytest.raises(RuntimeError, match="end_step"):
+        engine.state_dict()
+    with pytest.raises(ValueError, match="one loss per loss row"):
+        engine.record(plan, torch.zeros(n + 1))
+    with pytest.raises(NotImplementedError):  # the copy happens here, once for the step
+        engine.end_step()
+
+
+def test_losses_of_two_micro_batches_reach_the_ema_at_end_step(cache):
+    tokens, labels, mask = toy_batch()
+    engine = ReGATEEngine(ReGATEConfig(warmup=0, dense_steps=0, keep_ratio=1.0), cache)
+    before = engine.ema.values.clone()
+    plan = engine.plan(labels, mask, SAMPLE_IDS)
+    n = plan.packed.loss_rows.numel()
+    engine.record(plan, torch.full((n,), 2.0, dtype=torch.bfloat16))
+    engine.record(plan, torch.full((n,), 4.0))
+    assert torch.equal(engine.ema.values, before)  # nothing applied before the step ends
+    engine.end_step()
+    flat = engine.ema.offsets[SAMPLE_IDS[plan.host.row[plan.host.loss_rows]]] + plan.host.unit_k[plan.host.loss_rows]
+    once = 0.9 * before[flat] + 0.1 * 2.0
+    assert torch.allclose(engine.ema.values[flat], 0.9 * once + 0.1 * 4.0)  # in record order

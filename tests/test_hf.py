@@ -37,11 +37,23 @@ def with_checkpointing(model, reentrant):
     return model
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("reentrant", [None, True, False], ids=["no-gc", "gc-reentrant", "gc-nonreentrant"])
-@pytest.mark.parametrize("padding_side", ["right", "left"])
+FIRST_KINDS = ("llava", "llava_next_video", "qwen2_5_vl")  # the full grid; later classes: two cases that cover it
+GC_IDS = {None: "no-gc", True: "gc-reentrant", False: "gc-nonreentrant"}
+DENSE_CASES = [
+    *[(kind, gc, side) for kind in FIRST_KINDS for gc in (None, True, False) for side in ("right", "left")],
+    *[case for kind in KINDS if kind not in FIRST_KINDS for case in ((kind, True, "left"), (kind, False, "right"))],
+]
+
+
+def text_model_of(model):
+    return hf.adapter_for(model).text_model(model)
+
+
+@pytest.mark.parametrize("kind,reentrant,padding_side", DENSE_CASES,
+                         ids=[f"{k}-{GC_IDS[gc]}-{side}" for k, gc, side in DENSE_CASES])
 def test_dense_step_equals_unpatched(tmp_path, kind, reentrant, padding_side):
-    batch = collate(kind, tiny_samples(kind, 3), padding_side)
+    """Multi-turn samples of unequal lengths: loss and every gradient equal the unpatched model's."""
+    batch = collate(kind, tiny_samples(kind, 3, turns=2), padding_side)
     reference = with_checkpointing(tiny_model(kind), reentrant)
     ref_loss = reference(**batch).loss
     ref_loss.backward()
@@ -56,17 +68,23 @@ def test_dense_step_equals_unpatched(tmp_path, kind, reentrant, padding_side):
 
     assert out.loss.item() == pytest.approx(ref_loss.item(), abs=1e-5)
     ref_grads, grads = gradients(reference), gradients(model)
-    compared = 0
+    compared, worst = 0, 0.0
     for name, ref_grad in ref_grads.items():
         if ref_grad is None:
             assert grads[name] is None or not grads[name].any(), name
             continue
         torch.testing.assert_close(grads[name], ref_grad, atol=1e-5, rtol=1e-4, msg=name)
+        worst = max(worst, (grads[name] - ref_grad).abs().max().item())
         compared += 1
     assert compared > 10
+    print(f"{kind} max |d loss| {abs(out.loss.item() - ref_loss.item()):.1e} max |d grad| {worst:.1e} over {compared} tensors")
     stats = engine.end_step()
     assert stats.supervised_kept == stats.supervised_total == sum(unit_counts(batch))
-    assert stats.llm_tokens == int(batch["attention_mask"].sum())  # padding removed
+    units = find_units(batch["labels"], batch["attention_mask"])
+    last = [int(units.col[units.row == b].max()) for b in range(3)]
+    # padding removed, and each sample's tokens after its last supervised position (no loss row sees them)
+    assert stats.llm_tokens == sum(int(batch["attention_mask"][b, : last[b] + 1].sum()) for b in range(3))
+    assert stats.llm_tokens < int(batch["attention_mask"].sum())
 
 
 def merged_inputs(model, batch):
@@ -74,19 +92,32 @@ def merged_inputs(model, batch):
     seen = {}
 
     def grab(module, args, kwargs):
-        seen.update(embeds=kwargs["inputs_embeds"], position_ids=kwargs.get("position_ids"))
+        seen.update(embeds=kwargs["inputs_embeds"], position_ids=kwargs.get("position_ids"),
+                    visual=kwargs.get("visual_pos_masks"), deepstack=kwargs.get("deepstack_visual_embeds"))
 
-    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    handle = text_model_of(model).register_forward_pre_hook(grab, with_kwargs=True)
     try:
         model(**{k: v for k, v in batch.items() if k != "labels"})
     finally:
         handle.remove()
-    return seen["embeds"], seen["position_ids"]
+    return seen
+
+
+def deepstack_of(merged, b, cols):
+    """Qwen3-VL: sample b's deepstack features (its rows among all visual positions) and mask at cols."""
+    if merged["visual"] is None:
+        return {}
+    visual = merged["visual"]
+    start, count = int(visual[:b].sum()), int(visual[b].sum())
+    assert int(visual[b, cols].sum()) == count  # visual tokens are never elided
+    return {"visual_pos_masks": visual[b : b + 1, cols],
+            "deepstack_visual_embeds": [layer[start : start + count] for layer in merged["deepstack"]]}
 
 
 def deletion_reference(model, batch, keep_mask):
     """Delete elided positions from each merged sample, keep original positions, run it alone."""
-    embeds, position_ids = merged_inputs(model, batch)
+    merged = merged_inputs(model, batch)
+    embeds, position_ids = merged["embeds"], merged["position_ids"]
     labels, mask = batch["labels"], batch["attention_mask"]
     losses = []
     for b in range(labels.shape[0]):
@@ -95,7 +126,8 @@ def deletion_reference(model, batch, keep_mask):
             pos = cols[None]
         else:
             pos = position_ids[..., b : b + 1, cols] if position_ids.dim() == 3 else position_ids[b : b + 1, cols]
-        hidden = model.model.language_model(inputs_embeds=embeds[b : b + 1, cols], position_ids=pos).last_hidden_state[0]
+        hidden = text_model_of(model)(inputs_embeds=embeds[b : b + 1, cols], position_ids=pos,
+                                      **deepstack_of(merged, b, cols)).last_hidden_state[0]
         logits = model.lm_head(hidden)
         for i, j in enumerate(cols.tolist()):
             if j + 1 < labels.shape[1] and mask[b, j + 1] and labels[b, j + 1] != IGNORE_INDEX:
@@ -126,7 +158,7 @@ def test_sparse_step_equals_per_sample_deletion(tmp_path, kind):
     assert stats.supervised_kept == 2 * sum(math.ceil(n / 2) for n in counts)  # planned twice: test + forward
 
 
-@pytest.mark.parametrize("kind", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_eval_generation_and_label_free_forwards_are_untouched(tmp_path, kind):
     batch = collate(kind, tiny_samples(kind, 2), "left")
     reference, model = tiny_model(kind), tiny_model(kind)
@@ -140,7 +172,7 @@ def test_eval_generation_and_label_free_forwards_are_untouched(tmp_path, kind):
         kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
         assert torch.equal(model.generate(**unlabeled, **kwargs), reference.generate(**unlabeled, **kwargs))
     assert engine.end_step().supervised_total == 0  # the engine never saw these forwards
-    assert model.model.language_model.config._attn_implementation == "sdpa"  # what the user chose
+    assert text_model_of(model).config._attn_implementation == "sdpa"  # what the user chose
 
 
 def test_bad_input_names_the_sample(tmp_path):

@@ -51,7 +51,7 @@ def test_config_reports_the_users_choice(kind):
         model.set_attn_implementation(chosen)
         packing_only(model)
         assert model.config.text_config._attn_implementation == chosen
-        assert model.model.language_model.config._attn_implementation == chosen
+        assert hf.adapter_for(model).text_model(model).config._attn_implementation == chosen
 
 
 @pytest.mark.parametrize("kind", ["llava", "qwen2_5_vl"])

@@ -120,6 +120,28 @@ def test_logits_recomputed_in_backward_when_chunked(chunk_rows):
     assert sum(calls) == 2 * rows.numel()
 
 
+@pytest.mark.parametrize("min_chunks", [1, 2])
+def test_a_single_chunk_keeps_its_logits_unless_ranks_pad_to_more(min_chunks):
+    """One chunk: the head runs once, its logits kept for backward (recomputing lowers no peak);
+    padded to two chunks (another ZeRO-3 rank has more rows), every rank recomputes alike."""
+    hidden, head, rows, targets = make_case(seed=8)
+    ref_hidden = hidden.clone().requires_grad_(True)
+    ref_head = clone_head(head)
+    calls, handle = count_calls(head)
+    try:
+        h = hidden.clone().requires_grad_(True)
+        loss, _ = kept_token_loss(h, head, rows, targets, chunk_rows=100, min_chunks=min_chunks)
+        assert calls == [rows.numel()] + [0] * (min_chunks - 1)
+        loss.backward()
+    finally:
+        handle.remove()
+    assert len(calls) == (1 if min_chunks == 1 else 2 * min_chunks)
+    ref_loss, _ = reference(ref_hidden, ref_head, rows, targets)
+    ref_loss.backward()
+    torch.testing.assert_close(h.grad, ref_hidden.grad, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(head.weight.grad, ref_head.weight.grad, atol=ATOL, rtol=RTOL)
+
+
 @pytest.mark.parametrize("chunk_rows", [1, 3, 100])
 def test_no_grad_works_without_recompute(chunk_rows):
     hidden, head, rows, targets = make_case(seed=5)

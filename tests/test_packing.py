@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from regate_plugin.packing import pack, pack_plan, unpack
+from regate_plugin.packing import pack, pack_plan, trim_to_loss, unpack
 from regate_plugin.selection import keep_mask_for
 from regate_plugin.units import IGNORE_INDEX, find_units
 
@@ -150,3 +150,32 @@ def test_pack_empty_batch_row():
     assert packed.cu_seqlens.tolist() == [0, 2]  # fully padded row gets no segment
     assert packed.max_seqlen == 2
     assert packed.loss_rows.numel() == 0
+
+
+@pytest.mark.parametrize("left_pad", [False, True])
+def test_trim_to_loss_keeps_exactly_what_kept_loss_rows_attend_to(left_pad):
+    labels, mask = make_batch([9, 5, 12, 7], 12, left_pad=left_pad, supervised_from=[3, 5, 2, 1])
+    units = find_units(labels, mask)
+    gen = torch.Generator().manual_seed(4)
+    unit_keep = torch.rand(len(units), generator=gen) < 0.5
+    unit_keep[units.row == 2] = False  # every unit of row 2 elided
+    keep = keep_mask_for(mask, units, unit_keep)
+    trimmed = trim_to_loss(keep, units)
+    for b in range(4):
+        kept_cols = units.col[(units.row == b) & unit_keep].tolist()
+        last = max(kept_cols, default=-1)
+        expected = [bool(keep[b, j]) and j <= last for j in range(12)]
+        assert trimmed[b].tolist() == expected, b
+    assert not trimmed[1].any() and not trimmed[2].any()  # no unit at all; all units elided
+    packed = pack_plan(trimmed, labels, units)
+    assert packed.loss_rows.numel() == int(unit_keep.sum())  # every kept unit still scored
+    assert packed.num_tokens == int(trimmed.sum())
+
+
+def test_trim_to_loss_without_any_kept_unit_leaves_the_first_real_token():
+    labels, mask = make_batch([0, 4, 3], 5, left_pad=True, supervised_from=[0, 4, 3])
+    units = find_units(labels, mask)
+    assert len(units) == 0
+    trimmed = trim_to_loss(keep_mask_for(mask, units, torch.zeros(0, dtype=torch.bool)), units)
+    assert trimmed.nonzero().tolist() == [[1, 1]]  # row 0 is all padding; row 1 starts at column 1
+    assert not trim_to_loss(torch.zeros(2, 3, dtype=torch.bool), find_units(labels[:2, :3])).any()

@@ -246,8 +246,8 @@ def test_active_plugins_are_logged_once_and_saved_with_the_state(tmp_path, monke
         engine.plan(labels, mask, SAMPLE_IDS)
         engine.end_step()
     assert [r.getMessage() for r in caplog.records if r.name == PLUGIN_LOG] == [
-        f"ReGATE plugins: regate.defaults {OURS}, step_logger (step-logger 2.0), hf {OURS}, llava {OURS}, "
-        f"videollama2 {OURS}, test_plugins.KeepFirst"
+        f"ReGATE plugins: regate.defaults {OURS}, step_logger (step-logger 2.0), hf {OURS}, llamafactory {OURS}, "
+        f"llava {OURS}, videollama2 {OURS}, test_plugins.KeepFirst"
     ]
 
     path = save_state(engine, tmp_path / "checkpoint-1")
@@ -257,6 +257,7 @@ def test_active_plugins_are_logged_once_and_saved_with_the_state(tmp_path, monke
         {"name": "regate.defaults", **ours},
         {"name": "step_logger", "distribution": "step-logger", "version": "2.0"},
         {"name": "hf", **ours},
+        {"name": "llamafactory", **ours},
         {"name": "llava", **ours},
         {"name": "videollama2", **ours},
         {"name": "test_plugins.KeepFirst", "distribution": None, "version": None},
@@ -309,5 +310,5 @@ def test_two_engines_with_their_own_strategies_leave_the_process_default_alone(c
     assert default_plan.unit_keep.sum() == 2 + 1 + 3  # ceil(0.5 * n) of 4, 2 and 5 units
     assert default.pm is plugin_manager()
     assert [name for name, _ in plugin_manager().list_name_plugin()] == [
-        "regate.defaults", "hf", "llava", "videollama2"
+        "regate.defaults", "hf", "llamafactory", "llava", "videollama2"
     ]

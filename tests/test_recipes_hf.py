@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from regate_plugin import cli
@@ -12,8 +13,9 @@ from regate_plugin import cli
 RECIPE = Path(__file__).parents[1] / "recipes" / "hf" / "train_tiny.py"
 
 
-def test_tiny_hf_recipe_runs_and_reports(tmp_path):
-    done = subprocess.run([sys.executable, str(RECIPE), "--out", str(tmp_path), "--steps", "12"],
+@pytest.mark.parametrize("family", ["llava", "qwen3_vl"])  # internvl, idefics3: the same path, run by hand
+def test_tiny_hf_recipe_runs_and_reports(tmp_path, family):
+    done = subprocess.run([sys.executable, str(RECIPE), "--out", str(tmp_path), "--steps", "12", "--family", family],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "refcache" / "meta.json").is_file()

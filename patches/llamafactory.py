@@ -1,0 +1,196 @@
+"""Target ``llamafactory``: hiyouga/LLaMA-Factory's SFT workflow (PyPI ``llamafactory`` 0.9.5) on
+transformers' own multimodal classes (those of the hf target's adapter table).
+
+``regate train --target llamafactory -- train.yaml [key=value ...]`` applies these patches and runs
+LLaMA-Factory's own ``run_exp()`` in-process (what ``llamafactory-cli train`` runs; under ``torchrun``
+or ``deepspeed`` too):
+
+* ``get_train_args`` refuses what ReGATE cannot compose with (another stage than ``sft``, ``packing``,
+  ``neat_packing``, streaming) before anything loads.
+* ``get_dataset``, as the SFT workflow calls it (before the model loads), checks the reference cache
+  against the dataset LLaMA-Factory just built.
+* ``CustomSeq2SeqTrainer.__init__``, after upstream's: the training dataset and collator carry each
+  sample's index (``trainer.IndexedDataset``/``IndexedCollator``; evaluation is upstream's), the model (inside its LoRA wrapper, if any)
+  gets the hf target's packed training forward (``hf.enable``), and ReGATE's callback is attached.
+
+``regate score --target llamafactory -- train.yaml`` builds the samples with LLaMA-Factory's own
+tokenizer loading, template, multimodal plugin and ``get_dataset``, so ``cutoff_len`` truncation and
+the visual-token expansion are training's by construction; the text-only view replaces the expanded
+visual placeholders with padding (``hf.HFScoringSource``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+from typing import Any
+
+from regate_plugin.config import ReGATEConfig
+from regate_plugin.engine import SAMPLE_INDEX_KEY, ReGATEEngine
+from regate_plugin.hookspecs import Target, TargetRefusal, hookimpl
+from regate_plugin.refcache import RefCache, sha256_file
+from regate_plugin.versions import require
+
+from . import hf, upstream
+
+
+def requirement() -> str | None:
+    return require("llamafactory", ">=0.9.5,<0.10") or require("transformers", ">=4.55") or hf.requirement()
+
+
+def apply(config: ReGATEConfig, ref_cache: str | None) -> None:
+    """Patch LLaMA-Factory's SFT workflow for ReGATE (``ref_cache=None``: packing only). Idempotent."""
+    from llamafactory.train import tuner
+    from llamafactory.train.sft import trainer, workflow
+
+    upstream.wrap(tuner, "get_train_args", _checked_train_args)
+    upstream.wrap(workflow, "get_dataset", _checked_get_dataset(ref_cache))
+    upstream.wrap(trainer.CustomSeq2SeqTrainer, "__init__", _trainer_init(config, ref_cache))
+
+
+def launch(args: list[str], attn_implementation: str | None = None) -> None:
+    """Run LLaMA-Factory's ``run_exp()`` on ``args`` (``train.yaml [key=value ...]``), in this process.
+    The attention of unpacked forwards is the YAML's ``flash_attn`` (LLaMA-Factory's own setting)."""
+    from llamafactory.train.tuner import run_exp
+
+    if attn_implementation is not None:
+        raise TargetRefusal("--attn-implementation does not apply to LLaMA-Factory: set flash_attn in the YAML")
+    run_exp(_read_args(args))
+
+
+def _read_args(args: list[str]) -> Any:
+    """LLaMA-Factory's own reading of ``llamafactory-cli train`` arguments (a YAML file and
+    ``key=value`` overrides, or ``--key value`` flags)."""
+    from llamafactory.hparams.parser import read_args
+
+    argv, sys.argv = sys.argv, [sys.argv[0], *args]
+    try:
+        return read_args()
+    finally:
+        sys.argv = argv
+
+
+def refusal(data_args: Any, finetuning_args: Any) -> str | None:
+    """Why ReGATE cannot train with these arguments, or None."""
+    if finetuning_args.stage != "sft":
+        return f"ReGATE trains LLaMA-Factory's sft stage, not {finetuning_args.stage!r}: set stage: sft"
+    if getattr(finetuning_args, "use_mca", False) or getattr(finetuning_args, "use_hyper_parallel", False):
+        return "ReGATE patches LLaMA-Factory's own SFT trainer: set use_mca: false and use_hyper_parallel: false"
+    if data_args.packing or data_args.neat_packing:
+        return ("packing/neat_packing concatenate several samples into one row, which then has no single sample "
+                "index for the reference cache and the EMA table; ReGATE packs the kept tokens of a micro-batch itself "
+                "(padding removed): set packing: false and neat_packing: false")
+    if data_args.streaming:
+        return "streaming datasets have no sample index: set streaming: false"
+    return None
+
+
+def _checked_train_args(args, original):
+    """``tuner.get_train_args`` replacement (``upstream.wrap`` passes its one argument first): upstream's
+    parsing, then the refusals, before anything loads."""
+    parsed = original(args)
+    reason = refusal(parsed[1], parsed[3])
+    if reason:
+        raise TargetRefusal(reason)
+    return parsed
+
+
+def _checked_get_dataset(ref_cache: str | None):
+    """``workflow.get_dataset`` replacement (``upstream.wrap`` passes the template first): the cache
+    checked against the dataset LLaMA-Factory built, before ``load_model``."""
+
+    def get_dataset(template, original, model_args, data_args, training_args, stage, **tokenizer_module):
+        module = original(template, model_args, data_args, training_args, stage, **tokenizer_module)
+        if ref_cache is not None and training_args.do_train:
+            RefCache.open(ref_cache, expect=source(module["train_dataset"], model_args, data_args, "").expected())
+        return module
+
+    return get_dataset
+
+
+def _trainer_init(config: ReGATEConfig, ref_cache: str | None):
+    """``CustomSeq2SeqTrainer.__init__`` replacement: upstream's, then indices, hf.enable and the callback."""
+
+    def init(self, original, *args, **kwargs):
+        from regate_plugin.trainer import IndexedDataset, attach
+
+        original(self, *args, **kwargs)
+        if self.train_dataset is None:  # evaluation or prediction only: upstream's code
+            return
+        engine = ReGATEEngine(config, None if ref_cache is None else RefCache.open(ref_cache))
+        hf.enable(upstream.student(self.model), engine)
+        self.train_dataset = IndexedDataset(self.train_dataset)
+        self.data_collator = _TrainingCollator(self.data_collator)
+        resume = self.args.resume_from_checkpoint  # a path, set by the YAML or found by get_train_args
+        attach(self, engine, resume if isinstance(resume, str) else None)
+
+    return init
+
+
+class _TrainingCollator:
+    """Training samples (they carry their index) through ``IndexedCollator``; evaluation and prediction
+    samples (LLaMA-Factory's ``eval_dataset``, ``do_predict``: no index, the model's own forward) straight
+    to upstream's collator."""
+
+    def __init__(self, collator: Any) -> None:
+        from regate_plugin.trainer import IndexedCollator
+
+        self.collator, self.indexed = collator, IndexedCollator(collator)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        if features and SAMPLE_INDEX_KEY in features[0]:
+            return self.indexed(features)
+        return self.collator(features)
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher pass
+# ---------------------------------------------------------------------------------------------
+
+
+def data_digest(data_args: Any) -> str:
+    """Hash of the datasets' dataset_info.json entries and of their local record files (a hub dataset
+    counts by its entry; images by the token counts they give), so an edited sample changes the cache's
+    dataset field even where the probe does not read it."""
+    from llamafactory.data.parser import get_dataset_list
+
+    digest = hashlib.sha256()
+    for attr in get_dataset_list(data_args.dataset, data_args.dataset_dir):
+        digest.update(repr(attr).encode())
+        path = Path(data_args.dataset_dir) / attr.dataset_name
+        if attr.load_from == "file" and path.exists():
+            for file in sorted([path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]):
+                digest.update(sha256_file(file).encode())
+    return digest.hexdigest()[:16]
+
+
+def source(dataset: Any, model_args: Any, data_args: Any, teacher: str) -> hf.HFScoringSource:
+    """The text-only view of LLaMA-Factory's tokenized SFT dataset (visual placeholders already expanded
+    by its multimodal plugin), named by its datasets, their contents and the template."""
+    names = ",".join(data_args.dataset)
+    dataset_id = f"llamafactory:{names}|template={data_args.template}|data={data_digest(data_args)}"
+    return hf.HFScoringSource(dataset, model_args.model_name_or_path, dataset_id, data_args.cutoff_len, teacher)
+
+
+def scoring_source(args: list[str], teacher: str) -> hf.HFScoringSource:
+    """The SFT training set of ``train.yaml [key=value ...]``, built by LLaMA-Factory's own pipeline."""
+    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.hparams import get_train_args
+    from llamafactory.model import load_tokenizer
+
+    model_args, data_args, training_args, finetuning_args, _ = get_train_args(_read_args(args))
+    reason = refusal(data_args, finetuning_args)
+    if reason:
+        raise TargetRefusal(reason)
+    tokenizer_module = load_tokenizer(model_args)
+    template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
+    module = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
+    return source(module["train_dataset"], model_args, data_args, teacher)
+
+
+@hookimpl
+def regate_targets() -> list[Target]:
+    summary = "hiyouga/LLaMA-Factory 0.9.5 SFT (hf table classes): regate train --target llamafactory -- train.yaml"
+    return [Target("llamafactory", summary, requirement=requirement, apply=apply, launch=launch,
+                   scoring_source=scoring_source)]

@@ -1,0 +1,226 @@
+"""The score and selection variants of ReGATEConfig (issue 16) against brute-force references, and
+their engine contracts: chosen from the config, checked, deterministic and resumable."""
+
+import math
+
+import click
+import pytest
+import torch
+from click.testing import CliRunner
+
+from regate_plugin import ReGATEConfig, ReGATEEngine
+from regate_plugin.cli import config_options
+from regate_plugin.config import ConfigError
+from regate_plugin.hookspecs import hookimpl
+from regate_plugin.plugins import PluginError, build_plugin_manager
+from regate_plugin.refcache import write_cache
+from regate_plugin.selection import learnable_scores, select_adaptive, select_units
+from regate_plugin.units import IGNORE_INDEX, find_units
+
+from test_engine import FP, SAMPLE_IDS, toy_batch, unit_counts
+
+
+def units_for_counts(counts, length=None):
+    length = length or max(counts) + 1
+    labels = torch.full((len(counts), length), IGNORE_INDEX)
+    for b, n in enumerate(counts):
+        labels[b, 1 : n + 1] = 7
+    return find_units(labels)
+
+
+# --- the learnability-aware score ------------------------------------------------------------
+
+
+def brute_force_learnable(ema, ref, ref_weight, beta, discount):
+    out = []
+    for m, r in zip(ema.tolist(), ref.tolist()):
+        paper = m + ref_weight * r
+        moved = m != r
+        learned = (r - m) / ((1 - beta) * max(r, 1e-6))
+        out.append(paper * (discount if moved and learned < 0.5 else 1.0))
+    return torch.tensor(out)
+
+
+def test_learnable_score_matches_brute_force_and_keeps_the_papers_where_nothing_is_stuck():
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.rand(200, generator=gen) * 2
+    ema = torch.where(torch.rand(200, generator=gen) < 0.3, ref, ref + (torch.rand(200, generator=gen) - 0.7) * 0.4)
+    got = learnable_scores(ema, ref, 0.5, 0.9, 0.25)
+    assert torch.allclose(got, brute_force_learnable(ema, ref, 0.5, 0.9, 0.25))
+    assert torch.equal(learnable_scores(ema, ref, 0.5, 0.9, 1.0), ema + 0.5 * ref)  # discount 1: the paper's
+
+
+def test_learnable_score_ranks_a_learned_image_word_above_a_free_word():
+    """After one visit: a free word (ln 3 nats, the student still at ln 3) and a corner word (ln 2 for the
+    teacher, 0.05 for a student that reads the picture). The paper's score keeps the free word."""
+    beta = 0.9
+    ref = torch.tensor([math.log(3), math.log(2), math.log(2)])
+    loss = torch.tensor([math.log(3) + 0.01, 0.05, math.log(2)])  # the third: not visited
+    ema = beta * ref + (1 - beta) * loss
+    ema[2] = ref[2]
+    paper = ema + 0.5 * ref
+    assert paper[0] > paper[1]
+    learnable = learnable_scores(ema, ref, 0.5, beta, 0.25)
+    assert learnable[1] > learnable[0] and learnable[2] > learnable[0]
+    assert learnable[1] == paper[1] and learnable[2] == paper[2] and learnable[0] == pytest.approx(0.25 * paper[0])
+
+
+# --- the adaptive budget ---------------------------------------------------------------------
+
+
+def brute_force_adaptive(scores, units, ratio, cap):
+    """Greedy: every sample's best unit, then the batch's best in order, skipping full samples."""
+    n = len(units)
+    rows = units.row.tolist()
+    order = sorted(range(n), key=lambda i: (-float(scores[i]), rows[i], int(units.col[i])))
+    counts = units.counts.tolist()
+    caps = [min(c, math.ceil(round(min(1.0, cap * ratio) * c, 9))) for c in counts]
+    budget = max(sum(c > 0 for c in counts), math.ceil(round(ratio * n, 9)))
+    keep, taken = set(), [0] * len(counts)
+    for i in order:  # floor
+        if taken[rows[i]] == 0:
+            keep.add(i)
+            taken[rows[i]] = 1
+    for i in order:
+        if len(keep) >= budget:
+            break
+        if i not in keep and taken[rows[i]] < caps[rows[i]]:
+            keep.add(i)
+            taken[rows[i]] += 1
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[sorted(keep)] = True
+    return mask
+
+
+@pytest.mark.parametrize("cap", [1.0, 2.0, 3.0, 10.0])
+@pytest.mark.parametrize("ratio", [0.05, 0.1, 0.25, 0.5, 0.9])
+@pytest.mark.parametrize("seed", range(4))
+def test_adaptive_selection_matches_brute_force(cap, ratio, seed):
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 16, (6,), generator=gen).tolist()
+    units = units_for_counts(counts)
+    scores = torch.randint(0, 5, (len(units),), generator=gen).float()  # many ties
+    keep = select_adaptive(scores, units, ratio, cap)
+    assert torch.equal(keep, brute_force_adaptive(scores, units, ratio, cap))
+    samples = sum(c > 0 for c in counts)
+    assert int(keep.sum()) == max(samples, math.ceil(round(ratio * len(units), 9)))
+    for b, n in enumerate(counts):
+        kept = int(keep[units.row == b].sum())
+        assert (kept >= 1 if n else kept == 0) and kept <= max(1, math.ceil(round(min(1.0, cap * ratio) * n, 9)))
+
+
+def test_adaptive_selection_moves_slots_to_the_sample_that_needs_them():
+    """Two samples of 10 units at keep 0.2: per sample keeps 2 + 2; the budget of 4 goes 3 + 1 when
+    one sample has three high scores and the other none."""
+    units = units_for_counts([10, 10])
+    scores = torch.zeros(20)
+    scores[[1, 4, 7]] = 5.0
+    scores[12] = 0.5
+    per_sample = select_units(scores, units, 0.2)
+    adaptive = select_adaptive(scores, units, 0.2, cap=3.0)
+    assert per_sample.nonzero().flatten().tolist() == [1, 4, 10, 12]
+    assert adaptive.nonzero().flatten().tolist() == [1, 4, 7, 12]
+    # a cap of 1: no sample keeps more than its per-sample quota, so the same as per-sample
+    assert torch.equal(select_adaptive(scores, units, 0.2, cap=1.0), per_sample)
+    assert select_adaptive(scores, units, 1.0, cap=3.0).all()
+    with pytest.raises(ValueError, match="NaN"):
+        select_adaptive(torch.full((20,), float("nan")), units, 0.2, cap=3.0)
+
+
+# --- configuration, CLI -------------------------------------------------------------------------
+
+
+def test_config_variants_default_to_the_paper_and_are_validated():
+    config = ReGATEConfig()
+    assert (config.score, config.selection) == ("paper", "per_sample")
+    for field, value, words in [("score", "entropy", "learnable"), ("selection", "topk", "adaptive"),
+                                ("adaptive_cap", 0.5, ">= 1"), ("irreducible_discount", 1.5, "[0, 1]")]:
+        with pytest.raises(ConfigError, match=rf"ReGATEConfig\.{field}.*{words}" if field != "selection" else field):
+            ReGATEConfig(**{field: value})
+    assert ReGATEConfig.from_dict(ReGATEConfig(score="learnable", selection="adaptive").to_dict()).score == "learnable"
+
+
+def test_cli_options_choose_the_variants():
+    seen = {}
+
+    @click.command()
+    @config_options
+    def show(config):
+        seen["config"] = config
+
+    result = CliRunner().invoke(show, ["--score", "learnable", "--selection", "adaptive", "--adaptive-cap", "2",
+                                       "--irreducible-discount", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert seen["config"] == ReGATEConfig(score="learnable", selection="adaptive", adaptive_cap=2.0,
+                                          irreducible_discount=0.5)
+    bad = CliRunner().invoke(show, ["--score", "nope"])
+    assert bad.exit_code == 2 and "ref_only" in bad.output
+
+
+# --- through the engine -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cache(tmp_path):
+    tokens, labels, mask = toy_batch()
+    counts = unit_counts(labels, mask)
+    gen = torch.Generator().manual_seed(3)
+    per_sample = [torch.rand(counts[1], generator=gen) * 3, torch.rand(3), torch.rand(counts[2], generator=gen) * 3,
+                  torch.rand(1), torch.rand(counts[0], generator=gen) * 3]
+    return write_cache(tmp_path / "cache", FP, per_sample)
+
+
+SPARSE = dict(warmup=0, dense_steps=0, keep_ratio=0.2)
+
+
+def expected_keep(engine, plan, config):
+    flat = engine.ema.flat_index(SAMPLE_IDS[plan.units.row], plan.units.k)
+    ema, ref = engine.ema.lookup(flat), engine.refcache.lookup(flat)
+    scores = brute_force_learnable(ema, ref, config.ref_weight, config.ema_beta, config.irreducible_discount)
+    return brute_force_adaptive(scores, plan.units, config.keep_ratio, config.adaptive_cap)
+
+
+def test_engine_uses_the_configured_variants_and_resumes_them(cache):
+    tokens, labels, mask = toy_batch()
+    config = ReGATEConfig(**SPARSE, score="learnable", selection="adaptive")
+    engine = ReGATEEngine(config, cache)
+    first = engine.plan(labels, mask, SAMPLE_IDS)
+    assert torch.equal(first.unit_keep, expected_keep(engine, first, config))
+    # the kept units' losses: half stuck at the teacher's (discounted next step), half learned
+    flat = engine.ema.flat_index(SAMPLE_IDS[first.host.row[first.host.loss_rows]], first.host.unit_k[first.host.loss_rows])
+    ref = engine.refcache.lookup(flat)
+    losses = torch.where(torch.arange(len(ref)) % 2 == 0, ref + 0.01, torch.zeros_like(ref))
+    engine.record(first, losses)
+    engine.end_step()
+    second = engine.plan(labels, mask, SAMPLE_IDS)
+    assert torch.equal(second.unit_keep, expected_keep(engine, second, config))
+    assert not torch.equal(second.unit_keep, first.unit_keep)  # the stuck units gave their slots away
+    # resumed from the saved state: the same decision, on any rank that loads it
+    restored = ReGATEEngine(config, cache)
+    restored.load_state_dict(engine.state_dict())
+    assert torch.equal(restored.plan(labels, mask, SAMPLE_IDS).unit_keep, second.unit_keep)
+
+
+def test_engine_ref_only_score_ranks_by_the_reference_loss(cache):
+    tokens, labels, mask = toy_batch()
+    engine = ReGATEEngine(ReGATEConfig(**SPARSE, score="ref_only"), cache)
+    plan = engine.plan(labels, mask, SAMPLE_IDS)
+    engine.record(plan, torch.full((int(plan.unit_keep.sum()),), 50.0))  # a huge EMA changes nothing
+    engine.end_step()
+    plan = engine.plan(labels, mask, SAMPLE_IDS)
+    ref = engine.refcache.lookup(engine.ema.flat_index(SAMPLE_IDS[plan.units.row], plan.units.k))
+    assert torch.equal(plan.unit_keep, select_units(ref, plan.units, 0.2))
+
+
+class DropSecondSample:
+    @hookimpl
+    def regate_select(self, scores, units, keep_ratio, config):
+        return units.row != 1
+
+
+def test_adaptive_selection_is_checked_for_one_unit_per_sample(cache):
+    tokens, labels, mask = toy_batch()
+    engine = ReGATEEngine(ReGATEConfig(**SPARSE, selection="adaptive"), cache,
+                          pm=build_plugin_manager(load_entrypoints=False, extra=[DropSecondSample()]))
+    with pytest.raises(PluginError, match="keeps none of the .* units of batch row 1"):
+        engine.plan(labels, mask, SAMPLE_IDS)
