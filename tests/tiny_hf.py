@@ -29,18 +29,23 @@ Per-sample visual inputs (one image / video per sample):
 * qwen2_5_vl:       pixel_values        (96, 96) flattened patches
                     image_grid_thw      (1, 3) = [[1, 8, 12]]
                     mm_token_type_ids   (L,)  1 on image placeholder tokens, else 0
+* qwen2_vl, qwen3_vl(_moe): as qwen2_5_vl (Qwen3-VL also feeds deepstack features)
+* internvl:         pixel_values        (1, 3, 56, 56)      one tile -> 4 tokens
+* llava_onevision:  pixel_values (1, 3, 3, 32, 32) + image_sizes (1, 2), or pixel_values_videos (1, 2, 3, 32, 32)
+* idefics3/smolvlm: pixel_values        (1, 1, 3, 32, 32)   -> 4 tokens
+* gemma3:           pixel_values        (1, 3, 32, 32) + token_type_ids (L,)
 
-``collate`` concatenates the visual inputs along dim 0 (so llava gives
+``collate`` concatenates each visual input along dim 0 over the samples that have it (so llava gives
 (B, 3, 32, 32), llava_next_video (B, 4, 3, 32, 32), qwen2_5_vl (B*96, 96) and
 image_grid_thw (B, 3)) and pads the text tensors.
 """
 
 from __future__ import annotations
 
-import torch
-import transformers
 import functools
 
+import torch
+import transformers
 from transformers import (
     CLIPVisionConfig,
     Gemma3Config,
