@@ -96,8 +96,8 @@ def regate_select(
 ) -> "torch.Tensor | None":
     """Return an (n,) bool tensor (0/1 integers pass): which of the micro-batch's ``units`` to keep.
 
-    With ``config.selection == "per_sample"`` it keeps at least one unit of every sample that has
-    units, as the method does; ``per_batch`` may leave a sample without any.
+    With ``config.selection`` ``"per_sample"`` or ``"adaptive"`` it keeps at least one unit of every
+    sample that has units, as the method does; ``per_batch`` may leave a sample without any.
     """
 
 
