@@ -28,9 +28,15 @@ from regate_plugin.trainer import IndexedCollator
 
 
 def _student(model: torch.nn.Module) -> torch.nn.Module:
-    """The model under a PEFT or accelerate wrapper, where ``hf.enable`` put the engine."""
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(model, "module", model)
+    """The model under its wrappers (DDP/accelerate ``.module``, PEFT ``get_base_model``, in any
+    nesting, e.g. DDP(PeftModel(model))), where ``hf.enable`` put the engine."""
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        else:
+            return model
 
 
 class ReGATESFTTrainer(SFTTrainer):

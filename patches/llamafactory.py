@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from regate_plugin.config import ReGATEConfig
-from regate_plugin.engine import SAMPLE_INDEX_KEY, ReGATEEngine
+from regate_plugin.engine import ReGATEEngine
 from regate_plugin.hookspecs import Target, TargetRefusal, hookimpl
 from regate_plugin.refcache import RefCache, sha256_file
 from regate_plugin.versions import require
@@ -113,7 +113,7 @@ def _trainer_init(config: ReGATEConfig, ref_cache: str | None):
     """``CustomSeq2SeqTrainer.__init__`` replacement: upstream's, then indices, hf.enable and the callback."""
 
     def init(self, original, *args, **kwargs):
-        from regate_plugin.trainer import IndexedDataset, attach
+        from regate_plugin.trainer import IndexedCollator, IndexedDataset, attach
 
         original(self, *args, **kwargs)
         if self.train_dataset is None:  # evaluation or prediction only: upstream's code
@@ -121,27 +121,11 @@ def _trainer_init(config: ReGATEConfig, ref_cache: str | None):
         engine = ReGATEEngine(config, None if ref_cache is None else RefCache.open(ref_cache))
         hf.enable(upstream.student(self.model), engine)
         self.train_dataset = IndexedDataset(self.train_dataset)
-        self.data_collator = _TrainingCollator(self.data_collator)
+        self.data_collator = IndexedCollator(self.data_collator)  # eval/predict batches pass through
         resume = self.args.resume_from_checkpoint  # a path, set by the YAML or found by get_train_args
         attach(self, engine, resume if isinstance(resume, str) else None)
 
     return init
-
-
-class _TrainingCollator:
-    """Training samples (they carry their index) through ``IndexedCollator``; evaluation and prediction
-    samples (LLaMA-Factory's ``eval_dataset``, ``do_predict``: no index, the model's own forward) straight
-    to upstream's collator."""
-
-    def __init__(self, collator: Any) -> None:
-        from regate_plugin.trainer import IndexedCollator
-
-        self.collator, self.indexed = collator, IndexedCollator(collator)
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        if features and SAMPLE_INDEX_KEY in features[0]:
-            return self.indexed(features)
-        return self.collator(features)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,13 +43,19 @@ class IndexedDataset(torch.utils.data.Dataset):
 
 
 class IndexedCollator:
-    """Wraps a collator: strips ``sample_index`` from the features, stacks it into the batch."""
+    """Wraps a collator: strips ``sample_index`` from the features, stacks it into the batch.
+
+    Features without any index (an evaluation or prediction set, which the Trainer collates with the
+    same collator) go to the wrapped collator unchanged; a batch with only some indexed is an error.
+    """
 
     def __init__(self, collator: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> None:
         self.collator = collator
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         missing = [i for i, f in enumerate(features) if SAMPLE_INDEX_KEY not in f]
+        if len(missing) == len(features):
+            return self.collator(list(features))
         if missing:
             raise KeyError(
                 f"features {missing} carry no {SAMPLE_INDEX_KEY!r}: wrap the dataset in IndexedDataset, and "

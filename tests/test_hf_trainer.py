@@ -161,3 +161,19 @@ def test_regate_state_is_written_where_the_trainer_writes_checkpoints(tmp_path, 
         path = out / "checkpoint-7" / STATE_FILE
         written[process] = path.is_file() and torch.load(path, weights_only=True)["step"] == 7
     assert written == {0: True, 1: False, 2: on_each_node, 3: False}
+
+
+def test_indexed_collator_passes_unindexed_batches_through():
+    """The Trainer collates evaluation sets with the training collator: they carry no index."""
+    from regate_plugin.trainer import IndexedCollator
+
+    def inner(features):
+        return {"x": torch.tensor([f["x"] for f in features])}
+
+    collator = IndexedCollator(inner)
+    batch = collator([{"x": 1, "sample_index": 7}, {"x": 2, "sample_index": 3}])
+    assert batch["x"].tolist() == [1, 2] and batch["sample_index"].tolist() == [7, 3]
+    plain = collator([{"x": 1}, {"x": 2}])
+    assert plain.keys() == {"x"} and plain["x"].tolist() == [1, 2]
+    with pytest.raises(KeyError, match=r"features \[1\] carry no 'sample_index'"):
+        collator([{"x": 1, "sample_index": 0}, {"x": 2}])

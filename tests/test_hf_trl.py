@@ -120,3 +120,21 @@ def test_sparse_sft_trains_on_the_selected_tokens(tmp_path, cache):
         assert (kept < total) if (step - 1) % 2 else (kept == total), (step, kept, total)
         assert np.isfinite(entry["loss"])
     assert engine.ema.values.abs().sum() > 0  # the student's losses reached the EMA
+
+
+def test_the_engine_is_found_under_any_nesting_of_wrappers():
+    """Under DDP with LoRA the loss sees DDP(PeftModel(model)): unwrapped in the wrong order, the
+    engine is not found and TRL's own (dense) loss runs silently."""
+    import peft
+
+    from regate_plugin.patches.hf_trl import _student
+
+    class DDPLike(torch.nn.Module):  # DistributedDataParallel's shape: the model under .module, no get_base_model
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    model = tiny_model("llava")
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    for wrapped in (model, DDPLike(model), lora, DDPLike(lora), DDPLike(DDPLike(lora))):
+        assert _student(wrapped) is model
