@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from regate_plugin.attention import segment_max_span
+from regate_plugin.attention import segment_gapped_span, segment_max_span
 from regate_plugin.engine import SAMPLE_INDEX_KEY, ReGATEEngine, StepPlan
 from regate_plugin.hookspecs import Target, hookimpl
 from regate_plugin.packing import Packed, pack
@@ -136,7 +136,8 @@ def _config_flag(config: Any, flag: str) -> bool:
 def packed_attention(host: Packed, device_plan: Packed, backend: str) -> hf_attention.PackedAttention:
     """The attention side of a packing plan; the segments' column spans come from the host copy."""
     return hf_attention.PackedAttention(
-        device_plan.cu_seqlens, device_plan.max_seqlen, device_plan.col, segment_max_span(host.col, host.cu_seqlens), backend
+        device_plan.cu_seqlens, device_plan.max_seqlen, device_plan.col, segment_max_span(host.col, host.cu_seqlens),
+        segment_gapped_span(host.col, host.cu_seqlens), backend,
     )
 
 

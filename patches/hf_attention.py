@@ -32,13 +32,15 @@ class PackedAttention:
     """How one packed row splits into segments, on the model's device (``max_*`` are host ints).
 
     cu_seqlens: (S+1,) int32 segment bounds; cols: (T,) each token's column in its sample before
-    elision (a sliding window counts those); max_span: the longest segment's span in columns.
+    elision (a sliding window counts those); max_span: the longest segment's span in columns;
+    max_gapped_span: the longest among segments with elided columns (kernels window by packed position).
     """
 
     cu_seqlens: torch.Tensor
     max_seqlen: int
     cols: torch.Tensor
     max_span: int
+    max_gapped_span: int
     backend: str
 
 
@@ -95,6 +97,7 @@ def regate_attention(
         window=sliding_window,
         cols=packed.cols,
         max_span=packed.max_span,
+        max_gapped_span=packed.max_gapped_span,
         softcap=softcap,
     )
     return out.unsqueeze(0), None

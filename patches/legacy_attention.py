@@ -32,6 +32,7 @@ class _Row:
     max_seqlen: int
     cols: torch.Tensor | None  # (T,) each token's column in its sample
     max_span: int | None
+    max_gapped_span: int | None
 
 
 _rows: dict[int, _Row] = {}  # cu_seqlens storage address -> the packed row it bounds
@@ -84,11 +85,11 @@ class _PackedAttention:
                 f"{type(self).__name__} passes {unknown} to its flash attention; packed ReGATE attention cannot "
                 "honour it: run with --no-regate"
             )
-        row = _rows.get(attention_mask.data_ptr()) or _Row(int(attention_mask.diff().max()), None, None)
+        row = _rows.get(attention_mask.data_ptr()) or _Row(int(attention_mask.diff().max()), None, None, None)
         out = varlen_attention(query_states[0], key_states[0], value_states[0], attention_mask, row.max_seqlen,
                                scale=softmax_scale, backend=_backend["name"], dropout_p=dropout,
                                window=flash_window(self.config, getattr(self, "layer_idx", None)), cols=row.cols,
-                               max_span=row.max_span)
+                               max_span=row.max_span, max_gapped_span=row.max_gapped_span)
         return out.unsqueeze(0)
 
 
@@ -131,18 +132,20 @@ def install(text_model: torch.nn.Module, backend: str = "auto") -> None:
 
 
 def packed_decoder(text_model: torch.nn.Module, embeds: torch.Tensor, position_ids: torch.Tensor,
-                   cu_seqlens: torch.Tensor, max_seqlen: int, max_span: int | None = None) -> torch.Tensor:
+                   cu_seqlens: torch.Tensor, max_seqlen: int, max_span: int | None = None,
+                   max_gapped_span: int | None = None) -> torch.Tensor:
     """The decoder layers and final norm of ``text_model`` over one packed row (1, T, D).
 
     position_ids (1, T) are each token's column in its sample (these stacks number the tokens of a
     sample 0..n-1), which a sliding window counts; ``max_span``, the longest segment's span in them,
-    is a host int: pass it from the host plan, or it is read from the device here.
+    is a host int: pass it from the host plan, or it is read from the device here; ``max_gapped_span``
+    likewise (see ``segment_gapped_span``), or each windowed kernel layer reads it from the device.
     """
     cols = position_ids[0]
     if max_span is None:
         max_span = segment_max_span(cols, cu_seqlens)
     _rows.clear()
-    _rows[cu_seqlens.data_ptr()] = _Row(max_seqlen, cols, max_span)
+    _rows[cu_seqlens.data_ptr()] = _Row(max_seqlen, cols, max_span, max_gapped_span)
     checkpointing = getattr(text_model, "gradient_checkpointing", False) and text_model.training
     hidden = embeds
     for layer in text_model.layers:

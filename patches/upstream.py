@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from regate_plugin.attention import segment_max_span
+from regate_plugin.attention import segment_gapped_span, segment_max_span
 from regate_plugin.config import ReGATEConfig
 from regate_plugin.engine import SAMPLE_INDEX_KEY, ReGATEEngine
 from regate_plugin.packing import pack
@@ -226,6 +226,8 @@ def packed_loss(model: torch.nn.Module, engine: ReGATEEngine, embeds: torch.Tens
 
     plan = engine.plan(labels, attention_mask, sample_index, position_ids)
     packed, host = plan.packed, plan.host
+    cols = host.position_ids[0]  # these stacks number a sample's tokens 0..n-1
     hidden = legacy_attention.packed_decoder(model.model, pack(embeds, packed), packed.position_ids, packed.cu_seqlens,
-                                             packed.max_seqlen, segment_max_span(host.position_ids[0], host.cu_seqlens))
+                                             packed.max_seqlen, segment_max_span(cols, host.cu_seqlens),
+                                             segment_gapped_span(cols, host.cu_seqlens))
     return CausalLMOutputWithPast(loss=engine.loss(plan, hidden, model.lm_head))

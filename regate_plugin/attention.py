@@ -161,6 +161,18 @@ def segment_max_span(cols: torch.Tensor, cu_seqlens: torch.Tensor) -> int:
     return int((cols[bounds[1:] - 1] - cols[bounds[:-1]]).max()) + 1
 
 
+def segment_gapped_span(cols: torch.Tensor, cu_seqlens: torch.Tensor) -> int:
+    """The longest span among segments with elided columns (span > length), 0 for none: the host int
+    ``varlen_attention`` takes as ``max_gapped_span``, so the kernels' window check needs no device
+    read per layer. Reads the values: call it on the host copy of the plan, once per step."""
+    if cu_seqlens.numel() < 2 or cols.numel() == 0:
+        return 0
+    bounds = cu_seqlens.long()
+    spans = cols[bounds[1:] - 1] - cols[bounds[:-1]] + 1
+    gapped = spans[spans != bounds[1:] - bounds[:-1]]
+    return int(gapped.max()) if gapped.numel() else 0
+
+
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -174,6 +186,7 @@ def varlen_attention(
     window: int | None = None,
     cols: torch.Tensor | None = None,
     max_span: int | None = None,
+    max_gapped_span: int | None = None,
     softcap: float | None = None,
     **extra: Any,
 ) -> torch.Tensor:
@@ -187,6 +200,8 @@ def varlen_attention(
         (T,) each token's column in its sample before elision (elided tokens leave gaps);
         ``max_span``: the longest segment's last - first column + 1 (host int, see ``segment_max_span``).
         Nothing is done when ``max_span <= window``: the window cannot drop any key then.
+        ``max_gapped_span`` (host int, see ``segment_gapped_span``): the kernel backends window by
+        packed position and refuse when it exceeds ``window``; without it they read that from the device.
     softcap: logit soft-capping ``softcap * tanh(scores / softcap)`` (flash-attn >= 2.6 only).
     extra: any other semantics of the caller's attention (``s_aux``, attention sinks, ...): each one
         that is not None is refused.
@@ -202,11 +217,12 @@ def varlen_attention(
     window = _active_window(window, cols, max_span, q.shape[0])
     name = resolve_backend(backend, q.device, q.dtype)
     if name == "flash4":
-        return _flash4_attention(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, window, cols, softcap)
+        return _flash4_attention(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, window, cols, softcap, max_gapped_span)
     if name == "flash":
-        return _flash_attention(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, window, cols, softcap)
+        return _flash_attention(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, window, cols, softcap, max_gapped_span)
     if name == "torch":
-        return _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, window, cols, softcap)
+        return _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, window, cols, softcap,
+                                      max_gapped_span)
     if softcap is not None:
         raise UnsupportedAttention(
             f"the sdpa attention backend has no logit soft-capping (softcap={softcap}): run on CUDA with "
@@ -242,13 +258,14 @@ def _active_window(window: int | None, cols: torch.Tensor | None, max_span: int 
     return window
 
 
-def _require_no_gaps(backend: str, window: int, cols: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+def _require_no_gaps(backend: str, window: int, cols: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_gapped_span: int | None) -> None:
     """Kernels window by packed position; that equals the window in columns unless a segment longer
-    than the window has elided columns. Reads one flag from the device."""
-    bounds = cu_seqlens.long()
-    spans = cols[bounds[1:] - 1] - cols[bounds[:-1]] + 1
-    lengths = bounds[1:] - bounds[:-1]
-    if bool(((spans > window) & (spans != lengths)).any()):
+    than the window has elided columns. Decided from the host int when the caller planned it, else
+    from one flag read from the device."""
+    if max_gapped_span is None:
+        max_gapped_span = segment_gapped_span(cols, cu_seqlens)
+    if max_gapped_span > window:
         raise UnsupportedAttention(
             f"the {backend} attention backend counts its sliding window ({window} keys) in packed positions, and a "
             f"sample longer than the window has elided tokens, so the window cannot be applied exactly: use "
@@ -260,6 +277,7 @@ def _require_no_gaps(backend: str, window: int, cols: torch.Tensor, cu_seqlens: 
 def _flash_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float | None,
     dropout_p: float, window: int | None, cols: torch.Tensor | None, softcap: float | None,
+    max_gapped_span: int | None = None,
 ) -> torch.Tensor:
     """flash-attn's varlen kernel; dropout, window and softcap go to its own parameters."""
     kernel = _flash_varlen()
@@ -270,7 +288,7 @@ def _flash_attention(
             raise UnsupportedAttention(
                 "this flash-attn has no sliding window (window_size): upgrade to flash-attn >= 2.3, or use sdpa"
             )
-        _require_no_gaps("flash", window, cols, cu_seqlens)
+        _require_no_gaps("flash", window, cols, cu_seqlens, max_gapped_span)
         kwargs["window_size"] = (window - 1, 0)  # keys i-(window-1)..i: window keys, the query included
     if softcap is not None:
         if "softcap" not in params:
@@ -284,6 +302,7 @@ def _flash_attention(
 def _flash4_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float | None,
     dropout_p: float, window: int | None, cols: torch.Tensor | None, softcap: float | None,
+    max_gapped_span: int | None = None,
 ) -> torch.Tensor:
     """FlashAttention-4's varlen kernel. Its fourth positional parameter is ``qv`` (MLA), so the
     segments go by keyword; GQA, window and softcap are its own parameters; it has no dropout.
@@ -293,7 +312,7 @@ def _flash4_attention(
                                    "flash or sdpa, or set the model's attention_dropout to 0")
     kwargs: dict[str, Any] = {"softmax_scale": scale, "causal": True}
     if window is not None:
-        _require_no_gaps("flash4", window, cols, cu_seqlens)
+        _require_no_gaps("flash4", window, cols, cu_seqlens, max_gapped_span)
         kwargs["window_size"] = (window - 1, 0)
     if softcap is not None:
         kwargs["softcap"] = softcap
@@ -307,6 +326,7 @@ def _flash4_attention(
 def _torch_varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float | None,
     dropout_p: float, window: int | None, cols: torch.Tensor | None, softcap: float | None,
+    max_gapped_span: int | None = None,
 ) -> torch.Tensor:
     """``torch.nn.attention.varlen.varlen_attn`` by its version's own signature:
     torch 2.10: (..., max_k, is_causal=False, return_aux=None): no scale, no window, no GQA;
@@ -325,7 +345,7 @@ def _torch_varlen_attention(
     if "window_size" in params:  # torch >= 2.11
         kwargs["scale"] = scale
         if window is not None:
-            _require_no_gaps("torch", window, cols, cu_seqlens)
+            _require_no_gaps("torch", window, cols, cu_seqlens, max_gapped_span)
         kwargs["window_size"] = (-1, 0) if window is None else (window - 1, 0)  # a tuple: torch compares to (-1, 0)
     else:  # torch 2.10
         if window is not None:

@@ -700,3 +700,25 @@ def test_cuda_backend_choice_logged_without_warning(fake_cuda, caplog, requested
     assert record.levelno == logging.INFO
     chosen = "sdpa" if requested == "sdpa" else "flash"
     assert record.message == f"packed attention backend: {chosen} (attn_backend={requested}, cpu)"
+
+
+def test_kernel_window_check_uses_the_planned_host_span(fake_cuda, monkeypatch):
+    """With max_gapped_span planned on the host once per step, no layer reads cols from the device."""
+    calls = []
+    fake_cuda(flash=attention_fakes.flash_attn_varlen_func_fake(calls))
+    gen = torch.Generator().manual_seed(16)
+    cu = cu_from_lengths([3, 8])
+    q, k, v = half_qkv(11, 4, 2, 16, gen)
+    short_gappy = torch.tensor([0, 2, 4] + list(range(8)))
+    long_gappy = torch.tensor([0, 1, 2] + [0, 1, 2, 3, 5, 6, 7, 8])
+    assert attention.segment_gapped_span(short_gappy, cu) == 5 and attention.segment_gapped_span(long_gappy, cu) == 9
+    assert attention.segment_gapped_span(torch.arange(11), cu_from_lengths([11])) == 0
+
+    def no_device_read(*args):
+        raise AssertionError("the window check read the device")
+
+    monkeypatch.setattr(attention, "segment_gapped_span", no_device_read)
+    varlen_attention(q, k, v, cu, 8, window=5, cols=short_gappy, max_span=8, max_gapped_span=5)
+    assert calls[-1]["window_size"] == (4, 0)
+    with pytest.raises(UnsupportedAttention, match=r"elided tokens.*attn_backend sdpa"):
+        varlen_attention(q, k, v, cu, 8, window=5, cols=long_gappy, max_span=9, max_gapped_span=9)

@@ -197,7 +197,7 @@ def test_semantics_the_packed_path_cannot_honour_are_refused():
     layer = torch.nn.Linear(2, 2)
     layer.is_causal = True
     q = torch.randn(1, 2, 5, 4)
-    packed = hf_attention.PackedAttention(torch.tensor([0, 5], dtype=torch.int32), 5, torch.arange(5), 5, "sdpa")
+    packed = hf_attention.PackedAttention(torch.tensor([0, 5], dtype=torch.int32), 5, torch.arange(5), 5, 0, "sdpa")
     out, weights = hf_attention.regate_attention(layer, q, q, q, None, regate_packed=packed, position_ids=None)
     assert out.shape == (1, 5, 2, 4) and weights is None
     with pytest.raises(hf_attention.UnsupportedAttention, match=r"passes \['s_aux'\] to its attention"):
