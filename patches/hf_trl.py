@@ -26,17 +26,7 @@ from trl import SFTTrainer
 
 from regate_plugin.trainer import IndexedCollator
 
-
-def _student(model: torch.nn.Module) -> torch.nn.Module:
-    """The model under its wrappers (DDP/accelerate ``.module``, PEFT ``get_base_model``, in any
-    nesting, e.g. DDP(PeftModel(model))), where ``hf.enable`` put the engine."""
-    while True:
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif isinstance(getattr(model, "module", None), torch.nn.Module):
-            model = model.module
-        else:
-            return model
+from .upstream import engine_of, student
 
 
 class ReGATESFTTrainer(SFTTrainer):
@@ -51,6 +41,6 @@ class ReGATESFTTrainer(SFTTrainer):
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        if not model.training or "_regate_engine" not in vars(_student(model)):
+        if not model.training or engine_of(student(model)) is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)

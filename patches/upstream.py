@@ -74,8 +74,15 @@ def shim_init(attn_backend: str) -> Callable[..., None]:
 
 
 def student(model: Any) -> Any:
-    """The upstream model inside a LoRA (peft) wrapper, or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    """The model under its wrappers, where ``hf.enable`` / the trainer put the engine: LoRA (peft
+    ``get_base_model``) and DDP/accelerate (``.module``) in any nesting, e.g. DDP(PeftModel(model))."""
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        else:
+            return model
 
 
 def engine_of(model: torch.nn.Module) -> ReGATEEngine | None:

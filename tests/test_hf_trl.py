@@ -127,7 +127,7 @@ def test_the_engine_is_found_under_any_nesting_of_wrappers():
     engine is not found and TRL's own (dense) loss runs silently."""
     import peft
 
-    from regate_plugin.patches.hf_trl import _student
+    from regate_plugin.patches.upstream import student as _student
 
     class DDPLike(torch.nn.Module):  # DistributedDataParallel's shape: the model under .module, no get_base_model
         def __init__(self, module):
