@@ -119,13 +119,11 @@ ADAPTERS: tuple[Adapter, ...] = (
 )
 
 
-_BY_CLASS_NAME = {adapter.cls: adapter for adapter in ADAPTERS}
-
-
 def adapter_for(model: torch.nn.Module) -> Adapter:
     """The table's entry for ``model``'s class (or a base class of it); TypeError names the supported ones."""
+    by_name = {adapter.cls: adapter for adapter in ADAPTERS}
     for base in type(model).__mro__:
-        if base.__name__ in _BY_CLASS_NAME:
-            return _BY_CLASS_NAME[base.__name__]
+        if base.__name__ in by_name:
+            return by_name[base.__name__]
     names = ", ".join(adapter.cls for adapter in ADAPTERS if adapter.refuse is never)
     raise TypeError(f"{type(model).__name__} is not supported by the hf target; supported: {names}")
