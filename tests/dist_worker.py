@@ -39,6 +39,22 @@ class RecordingEngine(ReGATEEngine):
         return stats
 
 
+def write_rank_record(out, rank, engine, **facts):
+    """What the test compares across runs: this rank's selections, digests and EMA table, plus ``facts``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{rank}.json").write_text(json.dumps({"selections": engine.selections, "digests": engine.digests, **facts}))
+    torch.save(engine.ema.values, out / f"ema{rank}.pt")
+
+
+def by_step(records):
+    """Every rank's (samples, kept units) per optimizer step, order-free."""
+    steps = {}
+    for record in records:
+        for step, samples, keep in record["selections"]:
+            steps.setdefault(step, []).append((samples, keep))
+    return {step: sorted(selections) for step, selections in steps.items()}
+
+
 class Slow(transformers.TrainerCallback):
     def __init__(self, seconds):
         self.seconds = seconds
@@ -82,11 +98,8 @@ def main() -> None:
     if args.step_sleep:
         trainer.add_callback(Slow(args.step_sleep))
     trainer.train(resume_from_checkpoint=args.resume)
-    args.out.mkdir(parents=True, exist_ok=True)
     partitioned = any(hasattr(p, "ds_id") for p in model.lm_head.parameters())  # ZeRO-3 shards the LM head
-    record = {"selections": engine.selections, "digests": engine.digests, "lm_head_partitioned": partitioned}
-    (args.out / f"rank{rank}.json").write_text(json.dumps(record))
-    torch.save(engine.ema.values, args.out / f"ema{rank}.pt")
+    write_rank_record(args.out, rank, engine, lm_head_partitioned=partitioned)
     close_process_group()
 
 

@@ -7,7 +7,6 @@ whether the decoder layers were sharded) and OUT/ema{R}.pt.
 """
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch.distributed as dist
 from regate_plugin import ReGATEConfig, RefCache
 from regate_plugin.collectives import close_process_group
 from regate_plugin.patches import hf
-from dist_worker import RecordingEngine
+from dist_worker import RecordingEngine, write_rank_record
 from tiny_hf import collate, tiny_model, tiny_samples
 
 CONFIG = ReGATEConfig(warmup=1, cycle=2, dense_steps=1, keep_ratio=0.5)
@@ -56,10 +55,7 @@ def main() -> None:
         optimizer.zero_grad()
         engine.end_step()
     sharded = isinstance(model.model.language_model.layers[0], getattr(torch.distributed.fsdp, "FSDPModule", ()))
-    args.out.mkdir(parents=True, exist_ok=True)
-    record = {"selections": engine.selections, "digests": engine.digests, "sharded": sharded}
-    (args.out / f"rank{rank}.json").write_text(json.dumps(record))
-    torch.save(engine.ema.values, args.out / f"ema{rank}.pt")
+    write_rank_record(args.out, rank, engine, sharded=sharded)
     close_process_group()
 
 

@@ -15,6 +15,7 @@ import torch
 
 from regate_plugin.refcache import Fingerprint, write_cache
 from regate_plugin.units import find_units
+from dist_worker import by_step
 from tiny_hf import tiny_samples
 
 TESTS = Path(__file__).parent
@@ -44,15 +45,6 @@ def launch(out, cache, *args, ranks=2, wait=True):
     output, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, output[-6000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
-
-
-def by_step(records):
-    """Every rank's (samples, kept units) per optimizer step, order-free."""
-    steps = {}
-    for record in records:
-        for step, samples, keep in record["selections"]:
-            steps.setdefault(step, []).append((samples, keep))
-    return {step: sorted(selections) for step, selections in steps.items()}
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import torch
 
 from regate_plugin.refcache import Fingerprint, write_cache
 from regate_plugin.units import find_units
+from dist_worker import by_step
 from tiny_hf import tiny_samples
 
 TESTS = Path(__file__).parent
@@ -27,14 +28,6 @@ def run(out, cache, ranks):
                            "--steps", str(STEPS)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
-
-
-def by_step(records):
-    steps = {}
-    for record in records:
-        for step, samples, keep in record["selections"]:
-            steps.setdefault(step, []).append((samples, keep))
-    return {step: sorted(selections) for step, selections in steps.items()}
 
 
 def test_fsdp2_two_ranks_equal_one_rank_with_accumulation(tmp_path):
