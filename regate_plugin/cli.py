@@ -16,7 +16,7 @@ import click
 from . import __version__
 from .attention import BackendUnavailable, UnsupportedAttention
 from .collectives import close_process_group
-from .config import ATTN_BACKENDS, SCORES, SELECTIONS, ConfigError, ReGATEConfig
+from .config import ATTN_BACKENDS, ELISIONS, SCORES, SELECTIONS, ConfigError, ReGATEConfig
 from .engine import BatchError
 from .hookspecs import TargetRefusal
 from .plugins import PluginError, targets
@@ -35,10 +35,12 @@ _HELP = {
     "adaptive_cap": "Adaptive selection: a sample keeps at most ceil(cap * keep ratio * its units).",
     "score": "paper: EMA + lambda * ref; ref_only: ref; learnable: paper's, discounting units the student stopped learning.",
     "irreducible_discount": "learnable score: factor on units whose EMA moved without falling below the teacher's loss.",
+    "elision": "input: elided tokens leave the LLM's input (saves compute); loss: they stay as input, only "
+    "their loss goes (no saving; measures what the holes in the context cost).",
     "attn_backend": "Varlen attention backend (env REGATE_ATTN_BACKEND overrides).",
     "loss_chunk_rows": "LM-head rows evaluated at once.",
 }
-_CHOICES = {"selection": SELECTIONS, "score": SCORES, "attn_backend": ATTN_BACKENDS}
+_CHOICES = {"selection": SELECTIONS, "score": SCORES, "elision": ELISIONS, "attn_backend": ATTN_BACKENDS}
 
 
 def config_options(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -9,6 +9,7 @@ from typing import Any
 
 SELECTIONS = ("per_sample", "per_batch", "adaptive")
 SCORES = ("paper", "ref_only", "learnable")
+ELISIONS = ("input", "loss")
 ATTN_BACKENDS = ("auto", "flash4", "flash", "torch", "sdpa")
 
 
@@ -35,6 +36,9 @@ class ReGATEConfig:
         the student has stopped learning (see ``selection.learnable_scores``).
     irreducible_discount: factor of ``learnable`` on a unit whose EMA moved without falling below
         the teacher's loss (1.0: no discount, the paper's score).
+    elision: ``input`` (the paper's) removes elided units from the LLM's input, which is what saves
+        compute; ``loss`` keeps them as input and drops only their loss term: no saving, a
+        measurement of what the holes in the context cost the kept words.
     attn_backend: varlen attention backend; ``auto`` picks flash-attn-4 (Hopper/Blackwell), flash-attn,
         torch varlen, then SDPA.
     loss_chunk_rows: rows of the LM head evaluated at once, so long answers never hold all logits.
@@ -50,6 +54,7 @@ class ReGATEConfig:
     adaptive_cap: float = 3.0
     score: str = "paper"
     irreducible_discount: float = 0.25
+    elision: str = "input"
     attn_backend: str = "auto"
     loss_chunk_rows: int = 4096
 
@@ -64,6 +69,7 @@ class ReGATEConfig:
         _check_real("adaptive_cap", self.adaptive_cap, ">= 1 and finite", lambda v: 1.0 <= v < math.inf)
         _check_choice("score", self.score, SCORES)
         _check_real("irreducible_discount", self.irreducible_discount, "[0, 1]", lambda v: 0.0 <= v <= 1.0)
+        _check_choice("elision", self.elision, ELISIONS)
         _check_choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
         _check_int("loss_chunk_rows", self.loss_chunk_rows, ">= 1", lambda v: v >= 1)
 

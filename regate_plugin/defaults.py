@@ -18,11 +18,11 @@ def regate_keep_ratio(step: int, config: ReGATEConfig) -> float:
 
 
 @hookimpl(trylast=True)
-def regate_score(ema: torch.Tensor, ref: torch.Tensor, config: ReGATEConfig) -> torch.Tensor:
+def regate_score(ema: torch.Tensor, ref: torch.Tensor, config: ReGATEConfig, learned: torch.Tensor) -> torch.Tensor:
     if config.score == "ref_only":
         return ref.clone()
     if config.score == "learnable":
-        return learnable_scores(ema, ref, config.ref_weight, config.ema_beta, config.irreducible_discount)
+        return learnable_scores(ema, ref, learned, config.ref_weight, config.irreducible_discount)
     return difficulty_scores(ema, ref, config.ref_weight)
 
 

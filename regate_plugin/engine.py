@@ -42,6 +42,7 @@ from .plugins import (
 )
 from .refcache import RefCache, sample_change, target_digests
 from .selection import keep_mask_for
+from .words import WordProgress
 from .units import Units, find_units
 
 
@@ -64,7 +65,8 @@ class StepPlan:
 
     ``packed`` lives on the model's device; ``host`` is the same plan on the CPU; units, keep
     decisions and sample ids are CPU tensors. ``keep_mask`` marks the positions in the packed row:
-    real, not elided, and attended by some kept unit of their sample (``packing.trim_to_loss``).
+    real, not elided (with ``elision="loss"`` elided units stay), and attended by some kept unit of
+    their sample (``packing.trim_to_loss``).
     """
 
     units: Units
@@ -101,9 +103,10 @@ class ReGATEEngine:
         self.ema = None if refcache is None else EMATable(
             refcache.all_losses(), refcache.offsets_tensor(), config.ema_beta, exchange_inits=self.online, copy=False
         )
+        self.words = None if refcache is None else WordProgress(config.ema_beta)
         self.step = 0
         self._totals = [0, 0, 0, 0]  # supervised_total, supervised_kept, llm_tokens, padded_tokens
-        self._losses: list[tuple[torch.Tensor, torch.Tensor]] = []  # (flat index on host, losses on device)
+        self._losses: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # flat index, targets (host), losses (device)
 
     @property
     def packing_only(self) -> bool:
@@ -136,12 +139,18 @@ class ReGATEEngine:
         else:
             flat = self.ema.flat_index(sample_ids[units.row], units.k)
             ema, ref = self.ema.lookup(flat), self.refcache.lookup(flat)
-            answer = first_result(self.pm, "regate_score", ema=ema, ref=ref, config=self.config)
+            learned = self.words.learned(labels[units.row, units.col + 1])
+            answer = first_result(self.pm, "regate_score", ema=ema, ref=ref, config=self.config, learned=learned)
             scores = checked_scores(*answer, n=len(units))
             answer = first_result(self.pm, "regate_select", scores=scores, units=units, keep_ratio=ratio, config=self.config)
             unit_keep = checked_selection(*answer, units=units, per_sample=self.config.selection != "per_batch")
-        keep_mask = trim_to_loss(keep_mask_for(attention_mask, units, unit_keep), units)
-        host = pack_plan(keep_mask, labels, units, position_ids)
+        scored = keep_mask_for(attention_mask, units, unit_keep)
+        if self.config.elision == "loss":  # elided units stay as input: only their loss term goes
+            keep_mask = trim_to_loss(keep_mask_for(attention_mask, units, torch.ones_like(unit_keep)), units, scored)
+            host = pack_plan(keep_mask, labels, units, position_ids, scored)
+        else:
+            keep_mask = trim_to_loss(scored, units)
+            host = pack_plan(keep_mask, labels, units, position_ids)
         self._totals[0] += len(units)
         self._totals[1] += int(unit_keep.sum())
         self._totals[2] += host.num_tokens
@@ -184,13 +193,15 @@ class ReGATEEngine:
         flat = self.ema.flat_index(plan.sample_ids[plan.host.row[rows]], plan.host.unit_k[rows])
         if flat.shape != per_unit_losses.shape:
             raise ValueError(f"{flat.numel()} kept units but {per_unit_losses.numel()} losses: pass one loss per loss row")
-        self._losses.append((flat, per_unit_losses.detach()))
+        self._losses.append((flat, plan.host.targets[rows], per_unit_losses.detach()))
 
     def _queue_losses(self) -> None:
         """The step's recorded losses into the EMA's queue: one device-to-host copy per optimizer step."""
         if self._losses:
-            losses = torch.cat([loss.to(self._losses[0][1].device, torch.float32) for _, loss in self._losses])
-            self.ema.record(torch.cat([flat for flat, _ in self._losses]), losses.cpu())
+            losses = torch.cat([loss.to(self._losses[0][2].device, torch.float32) for _, _, loss in self._losses]).cpu()
+            flat = torch.cat([flat for flat, _, _ in self._losses])
+            self.ema.record(flat, losses)
+            self.words.record(torch.cat([targets for _, targets, _ in self._losses]), losses, self.refcache.lookup(flat))
             self._losses.clear()
 
     def end_step(self, group: Any = None) -> StepStats:
@@ -198,6 +209,7 @@ class ReGATEEngine:
         if not self.packing_only:
             self._queue_losses()
             inits = self.ema.commit(group)
+            self.words.commit(group)
             if self.online:
                 self.refcache.fill(*inits)
         stats = StepStats(self.step, self.keep_ratio(), *self._totals)
@@ -209,14 +221,19 @@ class ReGATEEngine:
     def state_dict(self) -> dict[str, Any]:
         if self._losses:
             raise RuntimeError("ReGATEEngine.state_dict() called with losses of an unfinished step: call end_step() first")
-        ema = None if self.packing_only else self.ema.state_dict()
-        return {"step": self.step, "ema": ema, "config": self.config.to_dict(), "plugins": active_plugins(self.pm)}
+        ema, words = (None, None) if self.packing_only else (self.ema.state_dict(), self.words.state_dict())
+        return {"step": self.step, "ema": ema, "words": words, "config": self.config.to_dict(),
+                "plugins": active_plugins(self.pm)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if (state["ema"] is None) != self.packing_only:
             raise ValueError("the saved ReGATE state and this run disagree on packing-only mode (a reference cache)")
         if not self.packing_only:
             self.ema.load_state_dict(state["ema"])
+            if state.get("words") is not None:  # states saved before WordProgress existed start it afresh
+                self.words.load_state_dict(state["words"])
+            else:
+                self.words = WordProgress(self.config.ema_beta)
         self._losses.clear()
         self.step = int(state["step"])
 

@@ -85,9 +85,13 @@ def regate_keep_ratio(step: int, config: "ReGATEConfig") -> float | None:
 
 
 @hookspec(firstresult=True)
-def regate_score(ema: "torch.Tensor", ref: "torch.Tensor", config: "ReGATEConfig") -> "torch.Tensor | None":
+def regate_score(
+    ema: "torch.Tensor", ref: "torch.Tensor", config: "ReGATEConfig", learned: "torch.Tensor"
+) -> "torch.Tensor | None":
     """Return one score per unit from its EMA student loss and reference loss (higher = keep): a
-    float tensor of shape (n,) like ``ema``, without NaN."""
+    float tensor of shape (n,) like ``ema``, without NaN. ``learned``: the share of the teacher's
+    loss the student has removed on the unit's target word over recent samples
+    (``words.WordProgress``; NaN where not known yet). Implementations may omit arguments they do not use."""
 
 
 @hookspec(firstresult=True)

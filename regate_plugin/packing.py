@@ -52,8 +52,8 @@ class Packed:
         return dataclasses.replace(self, **moved)
 
 
-def trim_to_loss(keep_mask: torch.Tensor, units: Units) -> torch.Tensor:
-    """``keep_mask`` less every position no kept loss row attends to: per row, the positions after its
+def trim_to_loss(keep_mask: torch.Tensor, units: Units, scored: torch.Tensor | None = None) -> torch.Tensor:
+    """``keep_mask`` less every position no kept loss row (``scored``, default ``keep_mask``) attends to: per row, the positions after its
     last kept supervised position (a later turn whose answers were all elided, the final EOS), and so
     a whole row without any (no supervised unit, or all of them elided). Attention is causal, so the
     loss, its gradients and the kept units' hidden states are those of the untrimmed row (equal up
@@ -66,7 +66,8 @@ def trim_to_loss(keep_mask: torch.Tensor, units: Units) -> torch.Tensor:
     if keep_mask.numel() == 0:
         return keep_mask
     columns = torch.arange(keep_mask.shape[1], device=keep_mask.device)
-    last = torch.where(units.supervised & keep_mask, columns, -1).amax(dim=1)
+    scored = keep_mask if scored is None else scored & keep_mask
+    last = torch.where(units.supervised & scored, columns, -1).amax(dim=1)
     trimmed = keep_mask & (columns[None, :] <= last[:, None])
     if not bool(trimmed.any()) and bool(keep_mask.any()):
         first = int(keep_mask.flatten().nonzero()[0])
@@ -79,10 +80,13 @@ def pack_plan(
     labels: torch.Tensor,
     units: Units,
     position_ids: torch.Tensor | None = None,
+    scored: torch.Tensor | None = None,
 ) -> Packed:
     """Plan the packed row from a (B, L) keep mask; nothing is copied yet (see ``pack``).
 
     position_ids: (B, L) or (C, B, L); None means the dense default arange(L) in every row.
+    scored: (B, L) positions whose loss is trained, default ``keep_mask`` (every kept unit); a
+    narrower mask keeps the other units as input only (``ReGATEConfig.elision="loss"``).
     """
     batch, length = keep_mask.shape
     device = keep_mask.device
@@ -102,7 +106,7 @@ def pack_plan(
         raise ValueError(f"position_ids must be (B, L) or (C, B, L), got shape {tuple(position_ids.shape)}")
 
     next_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    scored = units.supervised & keep_mask
+    scored = units.supervised & keep_mask & (keep_mask if scored is None else scored)
     targets = torch.where(scored, next_labels, torch.full_like(next_labels, IGNORE_INDEX))
     k_grid = torch.where(scored, units.supervised.long().cumsum(dim=1) - 1, torch.full_like(next_labels, -1))
     packed_targets = targets[row, col]

@@ -16,21 +16,26 @@ def difficulty_scores(ema: torch.Tensor, ref: torch.Tensor, ref_weight: float) -
     return ema + ref_weight * ref
 
 
-def learnable_scores(ema: torch.Tensor, ref: torch.Tensor, ref_weight: float, ema_beta: float,
-                     discount: float) -> torch.Tensor:
-    """m + lambda*ref, times ``discount`` where the student looks stuck at the teacher's loss.
+#: a word "sits at the teacher's loss" while the student has removed less than this share of it, either way
+STUCK_WITHIN = 0.25
 
-    The EMA starts at the reference loss (m == ref until the unit's first update). One update with
-    loss l moves it by (1-beta)*(ref-l), so learned = (ref-m) / ((1-beta)*ref) is the share of the
-    teacher's loss the student removed, exact after one visit. A unit that was updated (m != ref)
-    yet removed less than half of it sits at the teacher's loss: one of several interchangeable
-    words, unpredictable from text and picture alike. Its high m and ref would take the slot of a
-    word that needs the picture; the discount gives that slot back. Unvisited units keep the paper's
-    score, and one later visit with a low loss lifts the discount: no second teacher pass, no state
-    beyond the EMA.
+
+def learnable_scores(ema: torch.Tensor, ref: torch.Tensor, learned: torch.Tensor, ref_weight: float,
+                     discount: float) -> torch.Tensor:
+    """m + lambda*ref, times ``discount`` on units whose target word the student, over all recent
+    samples, still predicts exactly as badly as the text-only teacher (|learned| < STUCK_WITHIN;
+    ``learned`` from ``words.WordProgress``).
+
+    Both signals are high on a word nothing predicts (one of several interchangeable phrasings):
+    the teacher cannot, and the student never will, so the paper's score gives it the slots of words
+    that need the picture. A unit's own EMA cannot tell the two apart before the student has learned
+    (both sit at the teacher's loss) and a sample returns once an epoch; its word can, over every
+    sample at once. The discount keeps the paper's order among stuck units (all of them at the
+    start) and among learning ones; a stuck unit only yields to a word the student is learning. A
+    word the student got worse at (learned <= -STUCK_WITHIN) is not discounted. No second teacher
+    pass: the word sums come from the losses training computes anyway.
     """
-    learned = (ref - ema) / ((1.0 - ema_beta) * ref.clamp(min=1e-6))
-    stuck = (ema != ref) & (learned < 0.5)
+    stuck = (learned < STUCK_WITHIN) & (learned > -STUCK_WITHIN)  # NaN (unseen word): not stuck
     return torch.where(stuck, discount, 1.0) * difficulty_scores(ema, ref, ref_weight)
 
 

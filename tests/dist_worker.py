@@ -1,7 +1,7 @@
 """One HF Trainer run with ReGATE on a tiny Llava, for the multi-process tests (run alone or by torchrun).
 
 Writes OUT/rank{R}.json: every selection (step, sample ids, kept units) and the SHA-256 of the EMA
-table after each step, and OUT/ema{R}.pt: the final table.
+and word-progress tables after each step, and OUT/ema{R}.pt: the final table.
 """
 
 import argparse
@@ -35,7 +35,8 @@ class RecordingEngine(ReGATEEngine):
 
     def end_step(self, group=None):
         stats = super().end_step(group)
-        self.digests.append([stats.step, hashlib.sha256(self.ema.values.numpy().tobytes()).hexdigest()])
+        tables = (self.ema.values, self.words.student, self.words.teacher)
+        self.digests.append([stats.step, hashlib.sha256(b"".join(t.numpy().tobytes() for t in tables)).hexdigest()])
         return stats
 
 

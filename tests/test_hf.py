@@ -202,3 +202,46 @@ def test_enable_rejects_unsupported_models_and_shows_sample_index_in_signature()
     forward = type(model).forward
     assert not hasattr(forward._regate_original, "_regate_original")
     assert "sample_index" in inspect.signature(model.forward).parameters
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2_5_vl"])
+def test_loss_only_elision_equals_upstream_with_the_elided_labels_ignored(tmp_path, kind):
+    """elision="loss": every token stays as input, only the elided units' loss terms go, so the step
+    is the unpatched model's with those labels set to IGNORE_INDEX (loss and every gradient)."""
+    batch = collate(kind, tiny_samples(kind, 3, seed=1), "right")
+    cache = make_cache(tmp_path, unit_counts(batch))
+    engine = ReGATEEngine(SPARSE.replace(elision="loss"), cache)
+    engine.step = 1  # sparse
+    plan = engine.plan(batch["labels"], batch["attention_mask"], torch.arange(3))
+    elided = ~plan.unit_keep
+    assert elided.any() and plan.unit_keep.any()
+    labels = batch["labels"].clone()
+    labels[plan.units.row[elided], plan.units.col[elided] + 1] = IGNORE_INDEX
+    reference = tiny_model(kind)
+    ref_loss = reference(**{**batch, "labels": labels}).loss
+    ref_loss.backward()
+
+    model = tiny_model(kind)
+    hf.enable(model, engine)
+    out = model(**batch, sample_index=torch.arange(3))
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(ref_loss.item(), abs=1e-5)
+    ref_grads, grads = gradients(reference), gradients(model)
+    for name, ref_grad in ref_grads.items():
+        if ref_grad is not None:
+            torch.testing.assert_close(grads[name], ref_grad, atol=1e-5, rtol=1e-4, msg=name)
+    # the same units as input elision would keep, but every token up to the last kept one is fed
+    input_plan = ReGATEEngine(SPARSE, cache)
+    input_plan.step = 1
+    elided_input = input_plan.plan(batch["labels"], batch["attention_mask"], torch.arange(3))
+    assert torch.equal(elided_input.unit_keep, plan.unit_keep)
+    assert plan.host.loss_rows.numel() == int(plan.unit_keep.sum())
+    assert plan.host.num_tokens == elided_input.host.num_tokens + int(elided.sum()) - trimmed_after_last(plan)
+
+
+def trimmed_after_last(plan):
+    """Elided units after their sample's last kept unit: no kept loss row attends to them, so trimmed."""
+    units = plan.units
+    last_kept = torch.full((int(units.row.max()) + 1,), -1).scatter_reduce(
+        0, units.row[plan.unit_keep], units.col[plan.unit_keep], reduce="amax")
+    return int((~plan.unit_keep & (units.col > last_kept[units.row])).sum())

@@ -16,6 +16,7 @@ from regate_plugin.plugins import PluginError, build_plugin_manager
 from regate_plugin.refcache import write_cache
 from regate_plugin.selection import learnable_scores, select_adaptive, select_units
 from regate_plugin.units import IGNORE_INDEX, find_units
+from regate_plugin.words import WordProgress
 
 from test_engine import FP, SAMPLE_IDS, toy_batch, unit_counts
 
@@ -31,38 +32,84 @@ def units_for_counts(counts, length=None):
 # --- the learnability-aware score ------------------------------------------------------------
 
 
-def brute_force_learnable(ema, ref, ref_weight, beta, discount):
+def brute_force_word_progress(steps, beta):
+    """Per step, per word v seen c times: S[v] = beta**c * S[v] + its c losses (T[v] likewise for refs)."""
+    student, teacher = {}, {}
+    for targets, losses, refs in steps:
+        for v in set(targets):
+            mine = [i for i, t in enumerate(targets) if t == v]
+            student[v] = beta ** len(mine) * student.get(v, 0.0) + sum(losses[i] for i in mine)
+            teacher[v] = beta ** len(mine) * teacher.get(v, 0.0) + sum(refs[i] for i in mine)
+    return {v: 1 - student[v] / teacher[v] for v in student}
+
+
+def test_word_progress_matches_brute_force_and_round_trips():
+    gen = torch.Generator().manual_seed(0)
+    steps = []
+    progress = WordProgress(0.9)
+    for _ in range(6):
+        n = int(torch.randint(1, 30, (1,), generator=gen))
+        targets = torch.randint(0, 12, (n,), generator=gen)
+        losses, refs = torch.rand(n, generator=gen) * 3, torch.rand(n, generator=gen) * 3 + 0.1
+        for part in (slice(0, n // 2), slice(n // 2, n)):  # two micro-batches, one commit
+            progress.record(targets[part], losses[part], refs[part])
+        progress.commit()
+        steps.append((targets.tolist(), losses.tolist(), refs.tolist()))
+    expected = brute_force_word_progress(steps, 0.9)
+    got = progress.learned(torch.arange(14))
+    for v in range(14):
+        if v in expected:
+            assert got[v].item() == pytest.approx(expected[v], rel=1e-5, abs=1e-6), v
+        else:
+            assert math.isnan(got[v])  # never seen
+    again = WordProgress(0.5)
+    again.load_state_dict(progress.state_dict())
+    assert torch.allclose(again.learned(torch.arange(14)), got, equal_nan=True) and again.beta == 0.9
+    progress.record(torch.tensor([3]), torch.tensor([1.0]), torch.tensor([1.0]))
+    with pytest.raises(RuntimeError, match="commit"):
+        progress.state_dict()
+
+
+def brute_force_learnable(ema, ref, learned, ref_weight, discount):
     out = []
-    for m, r in zip(ema.tolist(), ref.tolist()):
-        paper = m + ref_weight * r
-        moved = m != r
-        learned = (r - m) / ((1 - beta) * max(r, 1e-6))
-        out.append(paper * (discount if moved and learned < 0.5 else 1.0))
+    for m, r, share in zip(ema.tolist(), ref.tolist(), learned.tolist()):
+        stuck = not math.isnan(share) and abs(share) < 0.25
+        out.append((m + ref_weight * r) * (discount if stuck else 1.0))
     return torch.tensor(out)
 
 
 def test_learnable_score_matches_brute_force_and_keeps_the_papers_where_nothing_is_stuck():
     gen = torch.Generator().manual_seed(0)
     ref = torch.rand(200, generator=gen) * 2
-    ema = torch.where(torch.rand(200, generator=gen) < 0.3, ref, ref + (torch.rand(200, generator=gen) - 0.7) * 0.4)
-    got = learnable_scores(ema, ref, 0.5, 0.9, 0.25)
-    assert torch.allclose(got, brute_force_learnable(ema, ref, 0.5, 0.9, 0.25))
-    assert torch.equal(learnable_scores(ema, ref, 0.5, 0.9, 1.0), ema + 0.5 * ref)  # discount 1: the paper's
+    ema = ref + (torch.rand(200, generator=gen) - 0.7) * 0.4
+    learned = torch.rand(200, generator=gen) * 2 - 1
+    learned[::7] = float("nan")
+    got = learnable_scores(ema, ref, learned, 0.5, 0.25)
+    assert torch.allclose(got, brute_force_learnable(ema, ref, learned, 0.5, 0.25))
+    assert torch.equal(learnable_scores(ema, ref, learned, 0.5, 1.0), ema + 0.5 * ref)  # discount 1: the paper's
 
 
-def test_learnable_score_ranks_a_learned_image_word_above_a_free_word():
-    """After one visit: a free word (ln 3 nats, the student still at ln 3) and a corner word (ln 2 for the
-    teacher, 0.05 for a student that reads the picture). The paper's score keeps the free word."""
-    beta = 0.9
+def test_learnable_score_ranks_a_word_being_learned_above_a_free_word():
+    """Many samples of a free word (ln 3 for the teacher, the student stays at ln 3) and of a corner
+    word (ln 2 for the teacher, the student learning to read it from the picture) through
+    WordProgress; then a sample the student has not seen again: its EMA is still the teacher's loss
+    on both units, so the paper's score keeps the free word, the learnable one the corner word."""
+    free, corner = 40, 41
+    progress = WordProgress(0.9)
+    for step in range(20):
+        student_corner = math.log(2) * (1 - step / 25)
+        progress.record(torch.tensor([free] * 4 + [corner] * 4), torch.tensor([math.log(3)] * 4 + [student_corner] * 4),
+                        torch.tensor([math.log(3)] * 4 + [math.log(2)] * 4))
+        progress.commit()
+    learned = progress.learned(torch.tensor([free, corner, 99]))
+    assert abs(learned[0]) < 1e-6 and learned[1] > 0.25 and math.isnan(learned[2])
     ref = torch.tensor([math.log(3), math.log(2), math.log(2)])
-    loss = torch.tensor([math.log(3) + 0.01, 0.05, math.log(2)])  # the third: not visited
-    ema = beta * ref + (1 - beta) * loss
-    ema[2] = ref[2]
+    ema = ref.clone()  # not visited since the start
     paper = ema + 0.5 * ref
     assert paper[0] > paper[1]
-    learnable = learnable_scores(ema, ref, 0.5, beta, 0.25)
-    assert learnable[1] > learnable[0] and learnable[2] > learnable[0]
-    assert learnable[1] == paper[1] and learnable[2] == paper[2] and learnable[0] == pytest.approx(0.25 * paper[0])
+    score = learnable_scores(ema, ref, learned, 0.5, 0.25)
+    assert score[1] > score[0] and score[2] > score[0]  # an unseen word keeps the paper's score
+    assert score[1] == paper[1] and score[0] == pytest.approx(0.25 * paper[0])
 
 
 # --- the adaptive budget ---------------------------------------------------------------------
@@ -134,8 +181,9 @@ def test_config_variants_default_to_the_paper_and_are_validated():
     config = ReGATEConfig()
     assert (config.score, config.selection) == ("paper", "per_sample")
     for field, value, words in [("score", "entropy", "learnable"), ("selection", "topk", "adaptive"),
-                                ("adaptive_cap", 0.5, ">= 1"), ("irreducible_discount", 1.5, "[0, 1]")]:
-        with pytest.raises(ConfigError, match=rf"ReGATEConfig\.{field}.*{words}" if field != "selection" else field):
+                                ("adaptive_cap", 0.5, ">= 1"), ("irreducible_discount", 1.5, "[0, 1]"),
+                                ("elision", "mask", "loss")]:
+        with pytest.raises(ConfigError, match=rf"ReGATEConfig\.{field}.*{words}"):
             ReGATEConfig(**{field: value})
     assert ReGATEConfig.from_dict(ReGATEConfig(score="learnable", selection="adaptive").to_dict()).score == "learnable"
 
@@ -149,10 +197,10 @@ def test_cli_options_choose_the_variants():
         seen["config"] = config
 
     result = CliRunner().invoke(show, ["--score", "learnable", "--selection", "adaptive", "--adaptive-cap", "2",
-                                       "--irreducible-discount", "0.5"])
+                                       "--irreducible-discount", "0.5", "--elision", "loss"])
     assert result.exit_code == 0, result.output
     assert seen["config"] == ReGATEConfig(score="learnable", selection="adaptive", adaptive_cap=2.0,
-                                          irreducible_discount=0.5)
+                                          irreducible_discount=0.5, elision="loss")
     bad = CliRunner().invoke(show, ["--score", "nope"])
     assert bad.exit_code == 2 and "ref_only" in bad.output
 
@@ -173,10 +221,13 @@ def cache(tmp_path):
 SPARSE = dict(warmup=0, dense_steps=0, keep_ratio=0.2)
 
 
-def expected_keep(engine, plan, config):
+def expected_keep(engine, plan, labels, config, steps):
     flat = engine.ema.flat_index(SAMPLE_IDS[plan.units.row], plan.units.k)
     ema, ref = engine.ema.lookup(flat), engine.refcache.lookup(flat)
-    scores = brute_force_learnable(ema, ref, config.ref_weight, config.ema_beta, config.irreducible_discount)
+    progress = brute_force_word_progress(steps, config.ema_beta)
+    targets = labels[plan.units.row, plan.units.col + 1].tolist()
+    learned = torch.tensor([progress.get(t, float("nan")) for t in targets])
+    scores = brute_force_learnable(ema, ref, learned, config.ref_weight, config.irreducible_discount)
     return brute_force_adaptive(scores, plan.units, config.keep_ratio, config.adaptive_cap)
 
 
@@ -185,20 +236,28 @@ def test_engine_uses_the_configured_variants_and_resumes_them(cache):
     config = ReGATEConfig(**SPARSE, score="learnable", selection="adaptive")
     engine = ReGATEEngine(config, cache)
     first = engine.plan(labels, mask, SAMPLE_IDS)
-    assert torch.equal(first.unit_keep, expected_keep(engine, first, config))
-    # the kept units' losses: half stuck at the teacher's (discounted next step), half learned
-    flat = engine.ema.flat_index(SAMPLE_IDS[first.host.row[first.host.loss_rows]], first.host.unit_k[first.host.loss_rows])
-    ref = engine.refcache.lookup(flat)
-    losses = torch.where(torch.arange(len(ref)) % 2 == 0, ref + 0.01, torch.zeros_like(ref))
+    assert torch.equal(first.unit_keep, expected_keep(engine, first, labels, config, []))
+    # the kept units' losses: the student at the teacher's loss on the words of the first half
+    # (stuck: discounted next step), far below it on the others
+    rows = first.host.loss_rows
+    flat = engine.ema.flat_index(SAMPLE_IDS[first.host.row[rows]], first.host.unit_k[rows])
+    ref, targets = engine.refcache.lookup(flat), first.host.targets[rows]
+    stuck_words = set(targets.unique().tolist()[: targets.unique().numel() // 2])
+    losses = torch.where(torch.tensor([t in stuck_words for t in targets.tolist()]), ref, ref * 0.1)
     engine.record(first, losses)
     engine.end_step()
     second = engine.plan(labels, mask, SAMPLE_IDS)
-    assert torch.equal(second.unit_keep, expected_keep(engine, second, config))
+    assert torch.equal(second.unit_keep, expected_keep(engine, second, labels, config,
+                                                       [(targets.tolist(), losses.tolist(), ref.tolist())]))
     assert not torch.equal(second.unit_keep, first.unit_keep)  # the stuck units gave their slots away
     # resumed from the saved state: the same decision, on any rank that loads it
     restored = ReGATEEngine(config, cache)
     restored.load_state_dict(engine.state_dict())
     assert torch.equal(restored.plan(labels, mask, SAMPLE_IDS).unit_keep, second.unit_keep)
+    # a state saved before the word table existed resumes with a fresh one (the paper's order until it fills)
+    older = {k: v for k, v in engine.state_dict().items() if k != "words"}
+    restored.load_state_dict(older)
+    assert restored.words.student.numel() == 0
 
 
 def test_engine_ref_only_score_ranks_by_the_reference_loss(cache):

@@ -33,6 +33,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "learnable": {"score": "learnable"},
     "adaptive": {"selection": "adaptive"},
     "adaptive-learnable": {"selection": "adaptive", "score": "learnable"},
+    "loss-only": {"elision": "loss"},
 }
 NEW_ARMS = ("learnable", "adaptive", "adaptive-learnable")
 SWEEP_STEPS = 600
