@@ -33,8 +33,9 @@ _HELP = {
     "selection": "Keep the top share of each sample, of the whole micro-batch, or adaptive: a batch budget "
     "with one unit per sample at least and a cap.",
     "adaptive_cap": "Adaptive selection: a sample keeps at most ceil(cap * keep ratio * its units).",
-    "score": "paper: EMA + lambda * ref; ref_only: ref; learnable: paper's, discounting units the student stopped learning.",
-    "irreducible_discount": "learnable score: factor on units whose EMA moved without falling below the teacher's loss.",
+    "score": "paper: EMA + lambda * ref; ref_only: ref; learnable: paper's, discounting words the student "
+    "still predicts as badly as the teacher.",
+    "irreducible_discount": "learnable score: factor on units whose target word the student predicts as badly as the teacher.",
     "elision": "input: elided tokens leave the LLM's input (saves compute); loss: they stay as input, only "
     "their loss goes (no saving; measures what the holes in the context cost).",
     "attn_backend": "Varlen attention backend (env REGATE_ATTN_BACKEND overrides).",

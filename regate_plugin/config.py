@@ -33,9 +33,9 @@ class ReGATEConfig:
         ceil(adaptive_cap*p*n_s) of a sample (a sample with many high scores keeps more).
     adaptive_cap: the per-sample cap of ``adaptive``, as a multiple of the keep ratio.
     score: ``paper`` is d = m + lambda*ref; ``ref_only`` is d = ref; ``learnable`` discounts units
-        the student has stopped learning (see ``selection.learnable_scores``).
-    irreducible_discount: factor of ``learnable`` on a unit whose EMA moved without falling below
-        the teacher's loss (1.0: no discount, the paper's score).
+        whose target word the student still predicts as badly as the teacher over recent samples
+        (see ``selection.learnable_scores`` and ``words.WordProgress``).
+    irreducible_discount: factor of ``learnable`` on such a unit (1.0: no discount, the paper's score).
     elision: ``input`` (the paper's) removes elided units from the LLM's input, which is what saves
         compute; ``loss`` keeps them as input and drops only their loss term: no saving, a
         measurement of what the holes in the context cost the kept words.

@@ -103,7 +103,7 @@ class ReGATEEngine:
         self.ema = None if refcache is None else EMATable(
             refcache.all_losses(), refcache.offsets_tensor(), config.ema_beta, exchange_inits=self.online, copy=False
         )
-        self.words = None if refcache is None else WordProgress(config.ema_beta)
+        self.words = None if refcache is None else WordProgress()
         self.step = 0
         self._totals = [0, 0, 0, 0]  # supervised_total, supervised_kept, llm_tokens, padded_tokens
         self._losses: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # flat index, targets (host), losses (device)
@@ -233,7 +233,7 @@ class ReGATEEngine:
             if state.get("words") is not None:  # states saved before WordProgress existed start it afresh
                 self.words.load_state_dict(state["words"])
             else:
-                self.words = WordProgress(self.config.ema_beta)
+                self.words = WordProgress()
         self._losses.clear()
         self.step = int(state["step"])
 

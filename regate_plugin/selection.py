@@ -1,7 +1,7 @@
 """Scores and selection: d = m + lambda*ref, then the top share of units per sample (or per batch).
 
-Beyond the paper: ``learnable_scores`` discounts units whose loss the student cannot reduce, and
-``select_adaptive`` spreads one micro-batch budget over its samples by score.
+Beyond the paper: ``learnable_scores`` discounts units whose target word the student has not
+learned anywhere, and ``select_adaptive`` spreads one micro-batch budget over its samples by score.
 """
 
 from __future__ import annotations

@@ -21,14 +21,22 @@ from .collectives import is_multi_rank
 from .ema import all_gather_updates
 
 
+#: observations a word's estimate averages over (decay 1 - 1/WINDOW per observation): one sample's
+#: loss on a free word ranges over nats, so a short window reads noise as learning. A word's share is
+#: known once its decayed count reaches half a window: before, the student has not been trained on it
+#: enough to call it stuck.
+WINDOW = 100
+
+
 class WordProgress:
     """Per target token id: S[v] <- beta^c S[v] + sum of c new student losses, T[v] likewise for the
-    teacher's (float64, grown to the largest id seen)."""
+    teacher's and N[v] for the count (float64, grown to the largest id seen)."""
 
-    def __init__(self, beta: float) -> None:
+    def __init__(self, beta: float = 1.0 - 1.0 / WINDOW) -> None:
         self.beta = float(beta)
         self.student = torch.zeros(0, dtype=torch.float64)
         self.teacher = torch.zeros(0, dtype=torch.float64)
+        self.count = torch.zeros(0, dtype=torch.float64)
         self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def record(self, targets: torch.Tensor, losses: torch.Tensor, refs: torch.Tensor) -> None:
@@ -60,15 +68,20 @@ class WordProgress:
             grow = size - self.student.numel()
             self.student = torch.cat([self.student, torch.zeros(grow, dtype=torch.float64)])
             self.teacher = torch.cat([self.teacher, torch.zeros(grow, dtype=torch.float64)])
-        decay = self.beta ** torch.bincount(targets, minlength=self.student.numel()).double()
+            self.count = torch.cat([self.count, torch.zeros(grow, dtype=torch.float64)])
+        seen = torch.bincount(targets, minlength=self.student.numel()).double()
+        decay = self.beta ** seen
         self.student = decay * self.student + torch.bincount(targets, losses, minlength=self.student.numel())
         self.teacher = decay * self.teacher + torch.bincount(targets, refs, minlength=self.teacher.numel())
+        self.count = decay * self.count + seen
 
     def learned(self, targets: torch.Tensor) -> torch.Tensor:
         """(n,) float32: 1 - student/teacher loss on each target's word (1 = learned, 0 = still at the
-        teacher's loss, below 0 = worse); NaN for a word not seen yet or one the teacher predicts exactly."""
+        teacher's loss, below 0 = worse); NaN for a word seen less than half a window (decayed count
+        0.5 / (1 - beta)) or one the teacher predicts exactly."""
         targets = targets.cpu().long()
         known = (targets >= 0) & (targets < self.student.numel())
+        known[known.clone()] = self.count[targets[known]] >= 0.5 / (1.0 - self.beta) - 1e-9
         out = torch.full(targets.shape, float("nan"), dtype=torch.float32)
         student, teacher = self.student[targets[known]], self.teacher[targets[known]]
         out[known] = torch.where(teacher > 0, 1.0 - student / teacher.clamp(min=1e-12), float("nan")).float()
@@ -77,10 +90,12 @@ class WordProgress:
     def state_dict(self) -> dict[str, Any]:
         if self._pending:
             raise RuntimeError("WordProgress.state_dict() called with uncommitted updates: call commit() first")
-        return {"student": self.student.clone(), "teacher": self.teacher.clone(), "beta": self.beta}
+        return {"student": self.student.clone(), "teacher": self.teacher.clone(), "count": self.count.clone(),
+                "beta": self.beta}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.student = torch.as_tensor(state["student"], dtype=torch.float64).clone()
         self.teacher = torch.as_tensor(state["teacher"], dtype=torch.float64).clone()
+        self.count = torch.as_tensor(state["count"], dtype=torch.float64).clone()
         self.beta = float(state["beta"])
         self._pending.clear()

@@ -292,6 +292,7 @@ def test_planned_runs_put_dense_first_then_keep_by_keep():
     config = frontier.arm_config("adaptive-learnable", 0.1, 600)
     assert (config.keep_ratio, config.selection, config.score) == (0.1, "adaptive", "learnable")
     assert frontier.arm_config("ema-only", 0.1, 600).ref_weight == 0.0
+    assert frontier.arm_config("loss-only", 0.1, 600).elision == "loss"
     assert frontier.arm_config("dense", 0.1, 600).keep_ratio == 1.0
 
 
@@ -300,25 +301,29 @@ def test_sweep_through_the_cli_writes_the_schema_and_resumes(tmp_path, monkeypat
 
     monkeypatch.setattr(demo_runs, "PRETRAIN_STEPS", 5)
     monkeypatch.setattr(demo_runs, "VISION_STEPS", 5)
-    args = ["demo", "--arms", "dense,regate,random", "--keep", "0.25", "--seeds", "1", "--steps", "10",
+    args = ["demo", "--arms", "dense,regate,random,loss-only", "--keep", "0.25", "--seeds", "1", "--steps", "10",
             "--out", str(tmp_path), "--no-progress"]
     first = CliRunner().invoke(main, args)
     assert first.exit_code == 0, first.output
-    assert first.output.startswith("frontier: 3 runs of 10 steps (0 done), 1 seed(s) to prepare: estimated")
+    assert first.output.startswith("frontier: 4 runs of 10 steps (0 done), 1 seed(s) to prepare: estimated")
     saved = json.loads((tmp_path / "frontier.json").read_text())
     assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [(r["arm"], r["keep_ratio"], r["seed"]) for r in saved["rows"]] == [
-        ("dense", 1.0, 0), ("random", 0.25, 0), ("regate", 0.25, 0)]
+        ("dense", 1.0, 0), ("loss-only", 0.25, 0), ("random", 0.25, 0), ("regate", 0.25, 0)]
     for row in saved["rows"]:
         assert set(row) == {"arm", "keep_ratio", "seed", "supervised_share", "final_accuracy", "tokens_to_90pct_of_dense"}
         assert 0.0 < row["supervised_share"] <= 1.0 and 0.0 <= row["final_accuracy"] <= 1.0
     dense, regate, random = (saved["runs"][frontier.run_key(a, 0.25, 0)] for a in ("dense", "regate", "random"))
     assert random["supervised_tokens"] == regate["supervised_tokens"] < dense["supervised_tokens"]
+    # loss-only trains the same units as regate, with the elided words still in the LLM's input
+    loss_only = saved["runs"][frontier.run_key("loss-only", 0.25, 0)]
+    assert loss_only["supervised_tokens"] == regate["supervised_tokens"]
+    assert regate["llm_tokens"] < loss_only["llm_tokens"] < dense["llm_tokens"]
     # a second start finds every run done: nothing is trained again, the file is unchanged
     monkeypatch.setattr(frontier, "train_run", lambda *a, **k: pytest.fail("a finished run was trained again"))
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0, again.output
-    assert "(3 done), 0 seed(s) to prepare" in again.output
+    assert "(4 done), 0 seed(s) to prepare" in again.output
     assert json.loads((tmp_path / "frontier.json").read_text())["runs"] == saved["runs"]
     other = CliRunner().invoke(main, [*args[:-3], "--steps", "12", "--out", str(tmp_path), "--no-progress"])
     assert other.exit_code == 2 and "other settings" in other.output

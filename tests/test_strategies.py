@@ -33,14 +33,16 @@ def units_for_counts(counts, length=None):
 
 
 def brute_force_word_progress(steps, beta):
-    """Per step, per word v seen c times: S[v] = beta**c * S[v] + its c losses (T[v] likewise for refs)."""
-    student, teacher = {}, {}
+    """Per step, per word v seen c times: S[v] = beta**c * S[v] + its c losses (T[v] likewise for refs,
+    N[v] for the count); known once N[v] >= half a window, 0.5 / (1 - beta)."""
+    student, teacher, count = {}, {}, {}
     for targets, losses, refs in steps:
         for v in set(targets):
             mine = [i for i, t in enumerate(targets) if t == v]
             student[v] = beta ** len(mine) * student.get(v, 0.0) + sum(losses[i] for i in mine)
             teacher[v] = beta ** len(mine) * teacher.get(v, 0.0) + sum(refs[i] for i in mine)
-    return {v: 1 - student[v] / teacher[v] for v in student}
+            count[v] = beta ** len(mine) * count.get(v, 0.0) + len(mine)
+    return {v: 1 - student[v] / teacher[v] for v in student if count[v] >= 0.5 / (1 - beta) - 1e-9}
 
 
 def test_word_progress_matches_brute_force_and_round_trips():
@@ -233,31 +235,36 @@ def expected_keep(engine, plan, labels, config, steps):
 
 def test_engine_uses_the_configured_variants_and_resumes_them(cache):
     tokens, labels, mask = toy_batch()
-    config = ReGATEConfig(**SPARSE, score="learnable", selection="adaptive")
+    config = ReGATEConfig(warmup=70, dense_steps=0, keep_ratio=0.2, score="learnable", selection="adaptive")
     engine = ReGATEEngine(config, cache)
-    first = engine.plan(labels, mask, SAMPLE_IDS)
-    assert torch.equal(first.unit_keep, expected_keep(engine, first, labels, config, []))
-    # the kept units' losses: the student at the teacher's loss on the words of the first half
-    # (stuck: discounted next step), far below it on the others
-    rows = first.host.loss_rows
-    flat = engine.ema.flat_index(SAMPLE_IDS[first.host.row[rows]], first.host.unit_k[rows])
-    ref, targets = engine.refcache.lookup(flat), first.host.targets[rows]
-    stuck_words = set(targets.unique().tolist()[: targets.unique().numel() // 2])
-    losses = torch.where(torch.tensor([t in stuck_words for t in targets.tolist()]), ref, ref * 0.1)
-    engine.record(first, losses)
-    engine.end_step()
-    second = engine.plan(labels, mask, SAMPLE_IDS)
-    assert torch.equal(second.unit_keep, expected_keep(engine, second, labels, config,
-                                                       [(targets.tolist(), losses.tolist(), ref.tolist())]))
-    assert not torch.equal(second.unit_keep, first.unit_keep)  # the stuck units gave their slots away
+    # 70 dense steps (enough for a word's share to be known): the student at the teacher's loss on
+    # the words of the first half (stuck), far below it on the others
+    words = labels[labels != IGNORE_INDEX].unique().tolist()
+    stuck_words = set(words[: len(words) // 2])
+    steps = []
+    for _ in range(70):
+        plan = engine.plan(labels, mask, SAMPLE_IDS)
+        rows = plan.host.loss_rows
+        flat = engine.ema.flat_index(SAMPLE_IDS[plan.host.row[rows]], plan.host.unit_k[rows])
+        ref, targets = engine.refcache.lookup(flat), plan.host.targets[rows]
+        losses = torch.where(torch.tensor([t in stuck_words for t in targets.tolist()]), ref, ref * 0.1)
+        engine.record(plan, losses)
+        engine.end_step()
+        steps.append((targets.tolist(), losses.tolist(), ref.tolist()))
+    sparse = engine.plan(labels, mask, SAMPLE_IDS)
+    assert sparse.keep_ratio == 0.2
+    assert torch.equal(sparse.unit_keep, expected_keep(engine, sparse, labels, config, steps))
+    unknown = expected_keep(engine, sparse, labels, config, steps[:1])  # one step: no word known yet
+    assert not torch.equal(sparse.unit_keep, unknown)  # the stuck units gave their slots away
     # resumed from the saved state: the same decision, on any rank that loads it
     restored = ReGATEEngine(config, cache)
     restored.load_state_dict(engine.state_dict())
-    assert torch.equal(restored.plan(labels, mask, SAMPLE_IDS).unit_keep, second.unit_keep)
+    assert torch.equal(restored.plan(labels, mask, SAMPLE_IDS).unit_keep, sparse.unit_keep)
     # a state saved before the word table existed resumes with a fresh one (the paper's order until it fills)
     older = {k: v for k, v in engine.state_dict().items() if k != "words"}
     restored.load_state_dict(older)
     assert restored.words.student.numel() == 0
+    assert torch.equal(restored.plan(labels, mask, SAMPLE_IDS).unit_keep, unknown)
 
 
 def test_engine_ref_only_score_ranks_by_the_reference_loss(cache):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .frontier import ARMS, SWEEP_STEPS, acceptance, format_frontier, plot_frontier, run_frontier
+from .frontier import ARMS, acceptance, format_frontier, plot_frontier, run_frontier
 from .report import format_table, plot
 from .runs import DEFAULT_STEPS
 
@@ -66,8 +66,8 @@ def check_writable(out: Path) -> None:
 
 @click.command("demo")
 @click.option("--steps", type=click.IntRange(min=10), default=None,
-              help=f"Optimizer steps of each run; the schedule scales with it.  [default: {DEFAULT_STEPS}; "
-              f"{SWEEP_STEPS} with --arms]")
+              help=f"Optimizer steps of each run; the schedule scales with it (shorter sweeps end before dense "
+              f"has learned every kind of image word).  [default: {DEFAULT_STEPS}]")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data, the models and the batch order.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for demo.json and demo.png (created if missing).")
@@ -100,7 +100,9 @@ def command(steps: int | None, seed: int, out: Path | None, work: Path | None, a
     With --arms, the frontier instead: final accuracy against the share of dense's supervised
     tokens for every arm and keep ratio (dense; regate, the paper's; random, ema-only, ref-only: its
     ablations; learnable, adaptive, adaptive-learnable: ReGATEConfig's score and selection
-    variants). Finished runs are saved as they end; the same command again resumes.
+    variants; loss-only: the paper's selection with the elided words kept as input, which
+    measures what the holes in the context cost). Finished runs are saved as they end; the same
+    command again resumes.
     """
     missing = [name for name in ("transformers", "accelerate") if importlib.util.find_spec(name) is None]
     if missing:
@@ -114,7 +116,7 @@ def command(steps: int | None, seed: int, out: Path | None, work: Path | None, a
     if arms is not None:
         if out is None or work is not None:
             raise click.UsageError("--arms writes --out/frontier.json and resumes from it: give --out (and no --work)")
-        run_sweep(arms, keep, seeds, steps or SWEEP_STEPS, out, progress)
+        run_sweep(arms, keep, seeds, steps or DEFAULT_STEPS, out, progress)
         return
     steps = steps or DEFAULT_STEPS
     from .. import demo  # through the package, where tests replace run_demo

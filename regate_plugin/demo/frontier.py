@@ -23,7 +23,8 @@ from ..config import ReGATEConfig
 from ..hookspecs import hookimpl
 from .runs import THREADS, Setup, _quiet, _threads, prepare, scaled_config, train_run
 
-#: arm -> changes to the paper's scaled schedule (``random`` also scores by a seeded random draw)
+#: arm -> changes to the paper's scaled schedule (``random`` also scores by a seeded random draw;
+#: ``loss-only`` is no strategy but a measurement: the paper's selection with elided words kept as input)
 ARMS: dict[str, dict[str, Any]] = {
     "dense": {"keep_ratio": 1.0},
     "regate": {},
@@ -36,7 +37,6 @@ ARMS: dict[str, dict[str, Any]] = {
     "loss-only": {"elision": "loss"},
 }
 NEW_ARMS = ("learnable", "adaptive", "adaptive-learnable")
-SWEEP_STEPS = 600
 SWEEP_EVAL_POINTS = 10
 #: seconds measured on this project's 2-core machine, for the estimate printed first
 PREPARE_SECONDS, STEP_SECONDS, EVAL_SECONDS = 60.0, 0.035, 0.7
