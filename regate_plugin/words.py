@@ -69,11 +69,12 @@ class WordProgress:
             self.student = torch.cat([self.student, torch.zeros(grow, dtype=torch.float64)])
             self.teacher = torch.cat([self.teacher, torch.zeros(grow, dtype=torch.float64)])
             self.count = torch.cat([self.count, torch.zeros(grow, dtype=torch.float64)])
-        seen = torch.bincount(targets, minlength=self.student.numel()).double()
+        words, slot = torch.unique(targets, return_inverse=True)  # only the words seen: vocabularies are 150k
+        seen = torch.bincount(slot, minlength=words.numel()).double()
         decay = self.beta ** seen
-        self.student = decay * self.student + torch.bincount(targets, losses, minlength=self.student.numel())
-        self.teacher = decay * self.teacher + torch.bincount(targets, refs, minlength=self.teacher.numel())
-        self.count = decay * self.count + seen
+        self.student[words] = decay * self.student[words] + torch.bincount(slot, losses, minlength=words.numel())
+        self.teacher[words] = decay * self.teacher[words] + torch.bincount(slot, refs, minlength=words.numel())
+        self.count[words] = decay * self.count[words] + seen
 
     def learned(self, targets: torch.Tensor) -> torch.Tensor:
         """(n,) float32: 1 - student/teacher loss on each target's word (1 = learned, 0 = still at the
