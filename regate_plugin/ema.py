@@ -77,8 +77,8 @@ class EMATable:
         self._pending_init.clear()
         if is_multi_rank(group):
             if self.exchange_inits:
-                init_index, init_values = all_gather_updates(init_index, init_values, group)
-            index, loss = all_gather_updates(index, loss, group)
+                init_index, init_values = all_gather_updates(init_index, init_values, group=group)
+            index, loss = all_gather_updates(index, loss, group=group)
         unset = torch.isnan(self.values[init_index])
         self.values[init_index[unset]] = init_values[unset]
         self.apply(index, loss)
@@ -131,8 +131,9 @@ def _concat(indices: list[torch.Tensor], values: list[torch.Tensor]) -> tuple[to
     return torch.cat(indices), torch.cat(values)
 
 
-def all_gather_updates(index: torch.Tensor, loss: torch.Tensor, group: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's (index, loss) pairs, concatenated in rank order, on every rank.
+def all_gather_updates(index: torch.Tensor, *values: torch.Tensor, group: Any = None) -> tuple[torch.Tensor, ...]:
+    """Every rank's (index, value, ...) rows, concatenated in rank order, on every rank: one collective
+    for any number of float value columns.
 
     Moves data on the device the process group's backend needs (CUDA for NCCL, CPU for gloo).
     """
@@ -143,15 +144,13 @@ def all_gather_updates(index: torch.Tensor, loss: torch.Tensor, group: Any = Non
     dist.all_gather(sizes, size, group=group)
     sizes_list = [int(s.item()) for s in sizes]
     longest = max(sizes_list)
-    # One buffer holds both: the float32 loss is carried bit-for-bit inside an int64 slot.
-    payload = torch.zeros(2, longest, dtype=torch.int64, device=device)
+    # One buffer holds them all: each float32 value is carried bit-for-bit inside an int64 slot.
+    payload = torch.zeros(1 + len(values), longest, dtype=torch.int64, device=device)
     payload[0, : index.numel()] = index.to(device)
-    payload[1, : loss.numel()] = loss.to(torch.float32).view(torch.int32).to(torch.int64).to(device)
+    for row, value in enumerate(values, start=1):
+        payload[row, : value.numel()] = value.to(torch.float32).view(torch.int32).to(torch.int64).to(device)
     gathered = [torch.empty_like(payload) for _ in range(world)]
     dist.all_gather(gathered, payload, group=group)
-    indices, losses = [], []
-    for buf, n in zip(gathered, sizes_list):
-        buf = buf.cpu()
-        indices.append(buf[0, :n])
-        losses.append(buf[1, :n].to(torch.int32).view(torch.float32))
-    return torch.cat(indices), torch.cat(losses)
+    columns = [buf.cpu()[:, :n] for buf, n in zip(gathered, sizes_list)]
+    index = torch.cat([c[0] for c in columns])
+    return (index, *(torch.cat([c[row].to(torch.int32).view(torch.float32) for c in columns]) for row in range(1, 1 + len(values))))

@@ -103,7 +103,8 @@ class ReGATEEngine:
         self.ema = None if refcache is None else EMATable(
             refcache.all_losses(), refcache.offsets_tensor(), config.ema_beta, exchange_inits=self.online, copy=False
         )
-        self.words = None if refcache is None else WordProgress()
+        # the word table costs a step's bookkeeping (and a collective on several ranks): kept only for the score reading it
+        self.words = WordProgress() if refcache is not None and config.score == "learnable" else None
         self.step = 0
         self._totals = [0, 0, 0, 0]  # supervised_total, supervised_kept, llm_tokens, padded_tokens
         self._losses: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # flat index, targets (host), losses (device)
@@ -139,18 +140,17 @@ class ReGATEEngine:
         else:
             flat = self.ema.flat_index(sample_ids[units.row], units.k)
             ema, ref = self.ema.lookup(flat), self.refcache.lookup(flat)
-            learned = self.words.learned(labels[units.row, units.col + 1])
+            learned = (torch.full((len(units),), float("nan")) if self.words is None
+                       else self.words.learned(labels[units.row, units.col + 1]))
             answer = first_result(self.pm, "regate_score", ema=ema, ref=ref, config=self.config, learned=learned)
             scores = checked_scores(*answer, n=len(units))
             answer = first_result(self.pm, "regate_select", scores=scores, units=units, keep_ratio=ratio, config=self.config)
             unit_keep = checked_selection(*answer, units=units, per_sample=self.config.selection != "per_batch")
         scored = keep_mask_for(attention_mask, units, unit_keep)
-        if self.config.elision == "loss":  # elided units stay as input: only their loss term goes
-            keep_mask = trim_to_loss(keep_mask_for(attention_mask, units, torch.ones_like(unit_keep)), units, scored)
-            host = pack_plan(keep_mask, labels, units, position_ids, scored)
-        else:
-            keep_mask = trim_to_loss(scored, units)
-            host = pack_plan(keep_mask, labels, units, position_ids)
+        # elision "loss": elided units stay as input, only their loss terms go
+        fed = scored if self.config.elision == "input" else keep_mask_for(attention_mask, units, torch.ones_like(unit_keep))
+        keep_mask = trim_to_loss(fed, units, scored)
+        host = pack_plan(keep_mask, labels, units, position_ids, scored)
         self._totals[0] += len(units)
         self._totals[1] += int(unit_keep.sum())
         self._totals[2] += host.num_tokens
@@ -201,7 +201,8 @@ class ReGATEEngine:
             losses = torch.cat([loss.to(self._losses[0][2].device, torch.float32) for _, _, loss in self._losses]).cpu()
             flat = torch.cat([flat for flat, _, _ in self._losses])
             self.ema.record(flat, losses)
-            self.words.record(torch.cat([targets for _, targets, _ in self._losses]), losses, self.refcache.lookup(flat))
+            if self.words is not None:
+                self.words.record(torch.cat([targets for _, targets, _ in self._losses]), losses, self.refcache.lookup(flat))
             self._losses.clear()
 
     def end_step(self, group: Any = None) -> StepStats:
@@ -209,7 +210,8 @@ class ReGATEEngine:
         if not self.packing_only:
             self._queue_losses()
             inits = self.ema.commit(group)
-            self.words.commit(group)
+            if self.words is not None:
+                self.words.commit(group)
             if self.online:
                 self.refcache.fill(*inits)
         stats = StepStats(self.step, self.keep_ratio(), *self._totals)
@@ -221,7 +223,8 @@ class ReGATEEngine:
     def state_dict(self) -> dict[str, Any]:
         if self._losses:
             raise RuntimeError("ReGATEEngine.state_dict() called with losses of an unfinished step: call end_step() first")
-        ema, words = (None, None) if self.packing_only else (self.ema.state_dict(), self.words.state_dict())
+        ema = None if self.packing_only else self.ema.state_dict()
+        words = None if self.words is None else self.words.state_dict()
         return {"step": self.step, "ema": ema, "words": words, "config": self.config.to_dict(),
                 "plugins": active_plugins(self.pm)}
 
@@ -230,10 +233,10 @@ class ReGATEEngine:
             raise ValueError("the saved ReGATE state and this run disagree on packing-only mode (a reference cache)")
         if not self.packing_only:
             self.ema.load_state_dict(state["ema"])
-            if state.get("words") is not None:  # states saved before WordProgress existed start it afresh
+        if self.words is not None:  # a state without words (another score, or saved before they existed) starts afresh
+            self.words = WordProgress()
+            if state.get("words") is not None:
                 self.words.load_state_dict(state["words"])
-            else:
-                self.words = WordProgress()
         self._losses.clear()
         self.step = int(state["step"])
 

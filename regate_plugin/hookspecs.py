@@ -91,7 +91,8 @@ def regate_score(
     """Return one score per unit from its EMA student loss and reference loss (higher = keep): a
     float tensor of shape (n,) like ``ema``, without NaN. ``learned``: the share of the teacher's
     loss the student has removed on the unit's target word over recent samples
-    (``words.WordProgress``; NaN where not known yet). Implementations may omit arguments they do not use."""
+    (``words.WordProgress``; NaN where not known yet, and everywhere unless ``config.score`` is
+    ``learnable``: the table is kept only for it). Implementations may omit arguments they do not use."""
 
 
 @hookspec(firstresult=True)

@@ -53,9 +53,10 @@ class Packed:
 
 
 def trim_to_loss(keep_mask: torch.Tensor, units: Units, scored: torch.Tensor | None = None) -> torch.Tensor:
-    """``keep_mask`` less every position no kept loss row (``scored``, default ``keep_mask``) attends to: per row, the positions after its
-    last kept supervised position (a later turn whose answers were all elided, the final EOS), and so
-    a whole row without any (no supervised unit, or all of them elided). Attention is causal, so the
+    """``keep_mask`` less every position no kept loss row (``scored``, default ``keep_mask``) attends
+    to: per row, the positions after its last kept supervised position (a later turn whose answers
+    were all elided, the final EOS), and so a whole row without any (no supervised unit, or all of
+    them elided). Attention is causal, so the
     loss, its gradients and the kept units' hidden states are those of the untrimmed row (equal up
     to the kernels' rounding for another segment length).
 
@@ -106,7 +107,7 @@ def pack_plan(
         raise ValueError(f"position_ids must be (B, L) or (C, B, L), got shape {tuple(position_ids.shape)}")
 
     next_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    scored = units.supervised & keep_mask & (keep_mask if scored is None else scored)
+    scored = units.supervised & keep_mask if scored is None else units.supervised & keep_mask & scored
     targets = torch.where(scored, next_labels, torch.full_like(next_labels, IGNORE_INDEX))
     k_grid = torch.where(scored, units.supervised.long().cumsum(dim=1) - 1, torch.full_like(next_labels, -1))
     packed_targets = targets[row, col]

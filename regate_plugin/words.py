@@ -53,9 +53,7 @@ class WordProgress:
         losses = torch.cat([l for _, l, _ in parts]) if parts else torch.zeros(0)
         refs = torch.cat([r for _, _, r in parts]) if parts else torch.zeros(0)
         if is_multi_rank(group):
-            targets_again, refs = all_gather_updates(targets, refs, group)
-            targets, losses = all_gather_updates(targets, losses, group)
-            assert torch.equal(targets, targets_again)
+            targets, losses, refs = all_gather_updates(targets, losses, refs, group=group)
         self.apply(targets, losses, refs)
 
     def apply(self, targets: torch.Tensor, losses: torch.Tensor, refs: torch.Tensor) -> None:

@@ -20,7 +20,9 @@ from regate_plugin.patches import hf
 from regate_plugin.trainer import IndexedCollator, IndexedDataset, attach
 from tiny_hf import collate, tiny_model, tiny_samples
 
-CONFIG = ReGATEConfig(warmup=2, cycle=4, dense_steps=1, keep_ratio=0.5)
+# the learnable score keeps the word table, so every rank's copy is checked too (in 8 steps no word
+# is known yet: the paper's selections)
+CONFIG = ReGATEConfig(warmup=2, cycle=4, dense_steps=1, keep_ratio=0.5, score="learnable")
 
 
 class RecordingEngine(ReGATEEngine):
@@ -35,7 +37,8 @@ class RecordingEngine(ReGATEEngine):
 
     def end_step(self, group=None):
         stats = super().end_step(group)
-        tables = (self.ema.values, self.words.student, self.words.teacher)
+        words = () if self.words is None else (self.words.student, self.words.teacher, self.words.count)
+        tables = (self.ema.values, *words)
         self.digests.append([stats.step, hashlib.sha256(b"".join(t.numpy().tobytes() for t in tables)).hexdigest()])
         return stats
 

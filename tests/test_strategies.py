@@ -13,20 +13,12 @@ from regate_plugin.cli import config_options
 from regate_plugin.config import ConfigError
 from regate_plugin.hookspecs import hookimpl
 from regate_plugin.plugins import PluginError, build_plugin_manager
-from regate_plugin.refcache import write_cache
 from regate_plugin.selection import learnable_scores, select_adaptive, select_units
-from regate_plugin.units import IGNORE_INDEX, find_units
+from regate_plugin.units import IGNORE_INDEX
 from regate_plugin.words import WordProgress
 
-from test_engine import FP, SAMPLE_IDS, toy_batch, unit_counts
-
-
-def units_for_counts(counts, length=None):
-    length = length or max(counts) + 1
-    labels = torch.full((len(counts), length), IGNORE_INDEX)
-    for b, n in enumerate(counts):
-        labels[b, 1 : n + 1] = 7
-    return find_units(labels)
+from test_engine import SAMPLE_IDS, cache, toy_batch  # noqa: F401 (cache: the engine tests' fixture)
+from test_selection import units_for_counts
 
 
 # --- the learnability-aware score ------------------------------------------------------------
@@ -210,16 +202,6 @@ def test_cli_options_choose_the_variants():
 # --- through the engine -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def cache(tmp_path):
-    tokens, labels, mask = toy_batch()
-    counts = unit_counts(labels, mask)
-    gen = torch.Generator().manual_seed(3)
-    per_sample = [torch.rand(counts[1], generator=gen) * 3, torch.rand(3), torch.rand(counts[2], generator=gen) * 3,
-                  torch.rand(1), torch.rand(counts[0], generator=gen) * 3]
-    return write_cache(tmp_path / "cache", FP, per_sample)
-
-
 SPARSE = dict(warmup=0, dense_steps=0, keep_ratio=0.2)
 
 
@@ -265,6 +247,8 @@ def test_engine_uses_the_configured_variants_and_resumes_them(cache):
     restored.load_state_dict(older)
     assert restored.words.student.numel() == 0
     assert torch.equal(restored.plan(labels, mask, SAMPLE_IDS).unit_keep, unknown)
+    # the paper's score reads no word table, so none is kept (no bookkeeping, no collective per step)
+    assert ReGATEEngine(config.replace(score="paper"), cache).words is None
 
 
 def test_engine_ref_only_score_ranks_by_the_reference_loss(cache):
