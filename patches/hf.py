@@ -21,15 +21,18 @@ import contextlib
 import functools
 import importlib
 import inspect
+import logging
 import os
 import sys
+import types
 from typing import Any, Callable, Iterator
 
 import torch
 
 from regate_plugin.attention import segment_gapped_span, segment_max_span
 from regate_plugin.engine import SAMPLE_INDEX_KEY, ReGATEEngine, StepPlan
-from regate_plugin.hookspecs import Target, hookimpl
+from regate_plugin.hookspecs import Target, TargetRefusal, hookimpl
+from regate_plugin.identity import mark_visual
 from regate_plugin.packing import Packed, pack
 from regate_plugin.scoring import FingerprintedSource, dataset_probe, tokenizer_fingerprint
 from regate_plugin.units import IGNORE_INDEX
@@ -39,6 +42,7 @@ from . import hf_attention
 from .hf_models import ADAPTERS, Adapter, adapter_for, never
 
 SUPPORTED = tuple(adapter.cls for adapter in ADAPTERS if adapter.refuse is never)  # trainable, not refused
+logger = logging.getLogger(__name__)
 _DROP_FOR_BASE_MODEL = ("labels", "num_items_in_batch", "logits_to_keep", "return_dict", "use_cache")
 # Outputs a packed training forward cannot give, and what asks for each: (kwarg, config flag).
 _UNAVAILABLE_OUTPUTS = {
@@ -56,8 +60,15 @@ def requirement() -> str | None:
     return require("transformers", ">=4.53")
 
 
-def enable(model: torch.nn.Module, engine: ReGATEEngine) -> torch.nn.Module:
-    """Switch ReGATE on for ``model`` (a class of the adapter table); calling it again replaces the engine."""
+def enable(model: torch.nn.Module, engine: ReGATEEngine, *, allow_subclass_forward: bool = False) -> torch.nn.Module:
+    """Switch ReGATE on for ``model`` (a class of the adapter table); calling it again replaces the engine.
+
+    The adapter's class gets the dispatching forward (once, process-wide); a forward set on the model
+    instance (Liger-Kernel's fused cross-entropy, accelerate's device hooks) is wrapped where it sits,
+    so its own code still runs on every call the packed path does not take. A subclass with a
+    ``forward`` of its own is refused unless ``allow_subclass_forward``: then its forward runs and
+    reaches the packed path through ``super().forward(...)``.
+    """
     missing = requirement()
     if missing:
         raise RuntimeError(missing)
@@ -65,9 +76,24 @@ def enable(model: torch.nn.Module, engine: ReGATEEngine) -> torch.nn.Module:
     reason = adapter.refuse(model)
     if reason:
         raise hf_attention.UnsupportedAttention(reason)
-    hf_attention.install(adapter.text_model(model))
-    _patch_forward(type(model))
+    base = _adapter_class(model, adapter)
+    own = _own_forward(model, base)
+    if own is not None and not allow_subclass_forward:
+        raise SubclassForward(
+            f"{own.__name__} defines its own forward over {base.__name__}: ReGATE's packed training forward "
+            f"would skip its code on every step. Make it call super().forward(...) for the language-model "
+            f"loss and pass hf.enable(model, engine, allow_subclass_forward=True), or train without ReGATE"
+        )
+    attention = hf_attention.install(adapter.text_model(model))
+    patched = _patch_forward(base)
     model._regate_engine = engine
+    instance = _arm_instance(model, base)
+    logger.info(
+        "ReGATE on %s: adapter %s (%s); forward %s%s; packed attention in %s",
+        type(model).__name__, adapter.cls, adapter.family, f"of {base.__name__} patched" if patched else
+        f"of {base.__name__} already patched", f", instance forward {instance} wrapped" if instance else "",
+        ", ".join(attention) or "no new class",
+    )
     return model
 
 
@@ -76,13 +102,63 @@ def disable(model: torch.nn.Module) -> None:
     model.__dict__.pop("_regate_engine", None)
 
 
-def _patch_forward(cls: type) -> None:
-    if getattr(cls.forward, "_regate_original", None) is not None:
-        return
-    original = cls.forward
-    signature = inspect.signature(original)
+def rearm(model: torch.nn.Module) -> str | None:
+    """Put the dispatching forward back wherever a library replaced it since ``enable`` (Liger-Kernel
+    applied by the Trainer when training begins, at class or instance level). Returns what was
+    wrapped again, None when nothing was. A model without an engine is left alone."""
+    if "_regate_engine" not in model.__dict__:
+        return None
+    base = _adapter_class(model, adapter_for(model))
+    done = [f"class {base.__name__}"] if _patch_forward(base) else []
+    instance = _arm_instance(model, base)
+    done += [f"instance forward {instance}"] if instance else []
+    return ", ".join(done) or None
 
-    @functools.wraps(original)
+
+def is_dispatching(model: torch.nn.Module) -> bool:
+    """True when a call of ``model`` reaches the dispatching forward: its class's forward is ours (or a
+    subclass forward the user let through) and no instance forward hides it."""
+    forward = model.__dict__.get(_forward_slot(model))
+    if forward is not None and not _is_ours(forward):
+        return False
+    base = _adapter_class(model, adapter_for(model))
+    return _is_ours(base.__dict__["forward"])
+
+
+class SubclassForward(TargetRefusal):
+    """The model's class overrides the supported class's forward; the packed path would skip it."""
+
+
+def _adapter_class(model: torch.nn.Module, adapter: Adapter) -> type:
+    return next(cls for cls in type(model).__mro__ if cls.__name__ == adapter.cls)
+
+
+def _own_forward(model: torch.nn.Module, base: type) -> type | None:
+    """The first class above ``base`` in the model's MRO that defines ``forward`` itself, if any."""
+    for cls in type(model).__mro__:
+        if cls is base:
+            return None
+        if "forward" in cls.__dict__:
+            return cls
+    return None
+
+
+def _is_ours(forward: Any) -> bool:
+    return getattr(getattr(forward, "__func__", forward), "_regate_original", None) is not None
+
+
+def _forward_slot(module: torch.nn.Module) -> str:
+    """Where the module's own forward is looked up: accelerate's hooks keep it in ``_old_forward``
+    and put their wrapper in ``forward``; without hooks, ``forward``."""
+    wrapper = module.__dict__.get("forward")
+    hooked = isinstance(wrapper, functools.partial) and getattr(wrapper.func, "__module__", "").startswith("accelerate")
+    return "_old_forward" if hooked and "_old_forward" in module.__dict__ else "forward"
+
+
+def _dispatching(call_original: Callable[..., Any], signature: inspect.Signature) -> Callable[..., Any]:
+    """A forward that takes the packed path for a training call with labels on an enabled model, and
+    ``call_original(self, **kwargs)`` for every other call."""
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         sample_index = kwargs.pop(SAMPLE_INDEX_KEY, None)
         engine: ReGATEEngine | None = self.__dict__.get("_regate_engine")
@@ -91,16 +167,47 @@ def _patch_forward(cls: type) -> None:
             extra = bound.arguments.pop(_var_keyword(signature), {})
             kwargs = {**{k: v for k, v in bound.arguments.items() if k != "self"}, **extra}
         if engine is None or not self.training or kwargs.get("labels") is None:
-            return original(self, **kwargs)
+            return call_original(self, **kwargs)
         return _training_forward(self, engine, sample_index, kwargs)
 
-    forward._regate_original = original
-    # Show ``sample_index`` in the signature, so the Trainer's remove_unused_columns keeps it.
+    return forward
+
+
+def _with_index_signature(signature: inspect.Signature) -> inspect.Signature:
+    """``sample_index`` in the signature, so the Trainer's remove_unused_columns keeps it."""
     index_param = inspect.Parameter(SAMPLE_INDEX_KEY, inspect.Parameter.KEYWORD_ONLY, default=None)
     params = list(signature.parameters.values())
     at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
-    forward.__signature__ = signature.replace(parameters=params[:at] + [index_param] + params[at:])
+    return signature.replace(parameters=params[:at] + [index_param] + params[at:])
+
+
+def _patch_forward(cls: type) -> bool:
+    """Give ``cls`` the dispatching forward around whatever forward it has now (upstream's, or one a
+    library put there since, e.g. Liger-Kernel's class-level patch). False when it already has it."""
+    current = cls.__dict__["forward"]
+    if _is_ours(current):
+        return False
+    signature = inspect.signature(current)
+    forward = functools.wraps(current)(_dispatching(current, signature))
+    forward._regate_original = current
+    forward.__signature__ = _with_index_signature(signature)
     cls.forward = forward
+    return True
+
+
+def _arm_instance(model: torch.nn.Module, base: type) -> str | None:
+    """Wrap a forward set on the model instance (which hides the class's) in the dispatching forward,
+    inside accelerate's hooks when there are any. Returns the wrapped forward's name, or None."""
+    slot = _forward_slot(model)
+    current = model.__dict__.get(slot)
+    if current is None or _is_ours(current):
+        return None
+    signature = inspect.signature(base.__dict__["forward"]._regate_original)
+    forward = functools.wraps(current)(_dispatching(lambda self, **kwargs: current(**kwargs), signature))
+    forward._regate_original = current
+    forward.__signature__ = _with_index_signature(signature)
+    model.__dict__[slot] = types.MethodType(forward, model)
+    return getattr(current, "__qualname__", type(current).__name__)
 
 
 def _var_keyword(signature: inspect.Signature) -> str | None:
@@ -141,14 +248,24 @@ def packed_attention(host: Packed, device_plan: Packed, backend: str) -> hf_atte
     )
 
 
+_UNSET = object()
+
+
 @contextlib.contextmanager
 def _intercept(module: torch.nn.Module, replacement: Callable[..., Any]) -> Iterator[None]:
-    """Route calls of ``module`` to ``replacement`` for the duration (hooks still run around it)."""
-    module.forward = replacement
+    """Route calls of ``module`` to ``replacement`` for the duration: in place of its own forward, so
+    accelerate's hooks (device placement, offload) still run around it; whatever forward the module
+    had on its instance is put back afterwards."""
+    slot = _forward_slot(module)
+    saved = module.__dict__.get(slot, _UNSET)
+    module.__dict__[slot] = replacement
     try:
         yield
     finally:
-        del module.forward
+        if saved is _UNSET:
+            del module.__dict__[slot]
+        else:
+            module.__dict__[slot] = saved
 
 
 def _training_forward(model: torch.nn.Module, engine: ReGATEEngine, sample_index: Any, kwargs: dict[str, Any]) -> Any:
@@ -170,7 +287,8 @@ def _training_forward(model: torch.nn.Module, engine: ReGATEEngine, sample_index
                 f"merged embeddings {tuple(embeds.shape[:2])} and labels {tuple(labels.shape)} differ in shape: "
                 "labels must cover the expanded visual tokens (use the model's processor to build input_ids)"
             )
-        plan = engine.plan(labels, text_kwargs.pop("attention_mask", None), sample_index, text_kwargs.pop("position_ids", None))
+        plan = engine.plan(labels, text_kwargs.pop("attention_mask", None), sample_index, text_kwargs.pop("position_ids", None),
+                           context_ids=context_ids(model.config, kwargs.get("input_ids")))
         plans.append(plan)
         _refuse_unpacked_inputs(text_kwargs, adapter, labels.shape)
         text_kwargs = adapter.side_inputs(text_kwargs, plan.packed)
@@ -181,7 +299,7 @@ def _training_forward(model: torch.nn.Module, engine: ReGATEEngine, sample_index
             use_cache=False,
         )
         text_kwargs[hf_attention.PACKED_KEY] = packed_attention(plan.host, plan.packed, engine.config.attn_backend)
-        with hf_attention.implementation(text_model.config, hf_attention.NAME):
+        with hf_attention.packed_config(text_model):
             return text_forward(text_model, **text_kwargs)
 
     with _intercept(text_model, packed_text_model):
@@ -206,15 +324,28 @@ def _refuse_unpacked_inputs(text_kwargs: dict[str, Any], adapter: Adapter, batch
 
 
 @hookimpl
+def regate_rearm(model: torch.nn.Module) -> str | None:
+    try:
+        adapter_for(model)
+    except TypeError:  # another target's model
+        return None
+    return rearm(model)
+
+
+@hookimpl
 def regate_targets() -> list[Target]:
     summary = "transformers' multimodal classes (see the table below): regate_plugin.patches.hf.enable(model, engine)"
     return [Target("hf", summary, requirement=requirement, scoring_source=scoring_source, details=class_table())]
 
 
 def class_table() -> tuple[str, ...]:
-    """One line per class of the adapter table: name, transformers range, family, how it is tested."""
+    """A header and one line per class of the adapter table: name, transformers range, whether the
+    packed path trains it or refuses it, family; narrow enough for ``regate targets`` to fit 100
+    columns (how each class is tested: docs/targets/hf.md)."""
     width = max(len(adapter.cls) for adapter in ADAPTERS)
-    return tuple(f"{a.cls:{width}s} transformers{a.transformers:8s} {a.family}; tests: {a.tests}" for a in ADAPTERS)
+    rows = [("class", "transformers", "status", "family")]
+    rows += [(a.cls, a.transformers, "trains" if a.refuse is never else "refused", a.family) for a in ADAPTERS]
+    return tuple(f"{cls:{width}s} {versions:12s} {status:7s} {family}" for cls, versions, status, family in rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,13 +355,26 @@ def class_table() -> tuple[str, ...]:
 VISUAL_TOKEN_KEYS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
 
 
+def visual_token_ids(config: Any) -> list[int]:
+    """The config's visual placeholder token ids (what the processor expands per visual token)."""
+    return sorted({getattr(config, key) for key in VISUAL_TOKEN_KEYS if getattr(config, key, None) is not None})
+
+
+def context_ids(config: Any, input_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """The canonical context of a batch (``identity.mark_visual``): ``input_ids`` with the config's
+    visual placeholders marked, as ``HFScoringSource.context`` marks them; None without input ids."""
+    if input_ids is None:
+        return None
+    visual = torch.tensor(visual_token_ids(config), dtype=input_ids.dtype, device=input_ids.device)
+    return mark_visual(input_ids, torch.isin(input_ids, visual))
+
+
 def _load_student(student: str) -> tuple[Any, Any, list[int]]:
     """The student's config, tokenizer and visual placeholder token ids."""
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(student)
-    visual = sorted({getattr(config, key) for key in VISUAL_TOKEN_KEYS if getattr(config, key, None) is not None})
-    return config, AutoTokenizer.from_pretrained(student), visual
+    return config, AutoTokenizer.from_pretrained(student), visual_token_ids(config)
 
 
 class HFScoringSource(FingerprintedSource):
@@ -268,14 +412,15 @@ class HFScoringSource(FingerprintedSource):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def text_only(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def context(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input ids with the visual placeholders marked, labels); ``text_only`` pads them instead."""
         item = self.dataset[index]
         input_ids = torch.as_tensor(item["input_ids"]).reshape(-1)
         labels = torch.as_tensor(item["labels"]).reshape(-1)
         visual = torch.isin(input_ids, self.visual_ids)
         if (labels[visual] != IGNORE_INDEX).any():
             raise ValueError(f"sample {index} has labels on visual placeholder tokens: mask them with {IGNORE_INDEX}")
-        return input_ids.masked_fill(visual, self.pad_token_id), labels
+        return mark_visual(input_ids, visual), labels
 
 
 def import_from_cwd(module_name: str) -> Any:

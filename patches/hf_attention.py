@@ -5,14 +5,16 @@ the user chose and every other call (evaluation, generation, forwards without la
 unchanged, eager included. The packed forward passes a ``PackedAttention`` under the keyword
 ``regate_packed``; it rides the layers' kwargs down to each attention module, so it is still there
 when reentrant gradient checkpointing replays a layer in backward, outside our forward. A call that
-carries it switches its module's config to ``"regate"`` for the duration of that call only, and the
-registry routes it to ``regate_attention``. The same switch around the text model's own forward
-makes mask creation return no mask (segments come from ``cu_seqlens``).
+carries it reads, for the duration of that call only, a copy of its config that names ``"regate"``
+(the shared config is never changed), and the registry routes it to ``regate_attention``. The same
+switch around the text model's own forward makes mask creation return no mask (segments come from
+``cu_seqlens``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -45,15 +47,19 @@ class PackedAttention:
 
 
 @contextlib.contextmanager
-def implementation(config: Any, name: str) -> Iterator[None]:
-    """``config`` reports ``name`` as its attention implementation for the duration, then its own again."""
+def packed_config(module: torch.nn.Module) -> Iterator[None]:
+    """For the duration, ``module`` reads a copy of its config that reports ``"regate"`` as the attention
+    implementation. The config object itself, shared by every module of the model (and by the
+    replicas of threads), is never changed: only this module's reference to it is swapped."""
+    config = module.__dict__["config"]
+    packed = copy.copy(config)
     field = "_attn_implementation_internal" if "_attn_implementation_internal" in vars(config) else "_attn_implementation"
-    previous = getattr(config, field)
-    setattr(config, field, name)
+    setattr(packed, field, NAME)
+    module.__dict__["config"] = packed
     try:
         yield
     finally:
-        setattr(config, field, previous)
+        module.__dict__["config"] = config
 
 
 def regate_attention(
@@ -108,29 +114,32 @@ def regate_mask(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-def _patch_attention_class(cls: type) -> None:
-    """Wrap ``cls.forward`` once: a call carrying ``regate_packed`` runs with the config switched."""
+def _patch_attention_class(cls: type) -> bool:
+    """Wrap ``cls.forward`` once: a call carrying ``regate_packed`` runs with the config switched.
+    False when it already was."""
     if getattr(cls.forward, "_regate_original", None) is not None:
-        return
+        return False
     original = cls.forward
 
     @functools.wraps(original)
     def forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get(PACKED_KEY) is None:
             return original(self, *args, **kwargs)
-        with implementation(self.config, NAME):
+        with packed_config(self):
             return original(self, *args, **kwargs)
 
     forward._regate_original = original
     cls.forward = forward
+    return True
 
 
-def install(text_model: torch.nn.Module) -> None:
-    """Register ``"regate"`` and give the attention classes of ``text_model`` the packed switch (idempotent)."""
+def install(text_model: torch.nn.Module) -> list[str]:
+    """Register ``"regate"`` and give the attention classes of ``text_model`` the packed switch
+    (idempotent). Returns the attention classes patched by this call."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, regate_attention)
     AttentionMaskInterface.register(NAME, regate_mask)
-    for layer in text_model.layers:
-        _patch_attention_class(type(layer.self_attn))
+    classes = {type(layer.self_attn) for layer in text_model.layers}
+    return sorted(cls.__name__ for cls in classes if _patch_attention_class(cls))

@@ -6,12 +6,15 @@ LLaMA-Factory's own ``run_exp()`` in-process (what ``llamafactory-cli train`` ru
 or ``deepspeed`` too):
 
 * ``get_train_args`` refuses what ReGATE cannot compose with (another stage than ``sft``, ``packing``,
-  ``neat_packing``, streaming) before anything loads.
+  ``neat_packing``, streaming, a loss LLaMA-Factory computes itself: ``use_dft_loss``, ``use_eaft_loss``,
+  ``use_asft_loss``, ``label_smoothing_factor``) before anything loads.
 * ``get_dataset``, as the SFT workflow calls it (before the model loads), checks the reference cache
-  against the dataset LLaMA-Factory just built.
+  against the dataset LLaMA-Factory just built; under ``regate train --ref-cache`` it hands over the
+  dataset the pre-launch check built from the same arguments instead (tokenized once).
 * ``CustomSeq2SeqTrainer.__init__``, after upstream's: the training dataset and collator carry each
   sample's index (``trainer.IndexedDataset``/``IndexedCollator``; evaluation is upstream's), the model (inside its LoRA wrapper, if any)
   gets the hf target's packed training forward (``hf.enable``), and ReGATE's callback is attached.
+* After ``run_exp``, a training run whose patched trainer never ran (it trained without ReGATE) is an error.
 
 ``regate score --target llamafactory -- train.yaml`` builds the samples with LLaMA-Factory's own
 tokenizer loading, template, multimodal plugin and ``get_dataset``, so ``cutoff_len`` truncation and
@@ -21,14 +24,17 @@ visual placeholders with padding (``hf.HFScoringSource``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from regate_plugin.config import ReGATEConfig
 from regate_plugin.engine import ReGATEEngine
 from regate_plugin.hookspecs import Target, TargetRefusal, hookimpl
+from regate_plugin.once import computed_once
 from regate_plugin.refcache import RefCache, sha256_file
 from regate_plugin.versions import require
 
@@ -39,24 +45,51 @@ def requirement() -> str | None:
     return require("llamafactory", ">=0.9.5,<0.10") or require("transformers", ">=4.55") or hf.requirement()
 
 
-def apply(config: ReGATEConfig, ref_cache: str | None) -> None:
-    """Patch LLaMA-Factory's SFT workflow for ReGATE (``ref_cache=None``: packing only). Idempotent."""
+@dataclass
+class Invocation:
+    """What the steps of one ``regate`` command (pre-launch check, ``apply``, ``launch``) share, held by
+    the target it was given (never module state): the dataset the pre-launch check built and the
+    arguments it was built from, and what the run did."""
+
+    checked_args: tuple[str, ...] | None = None  # the arguments of checked_dataset
+    checked_dataset: dict[str, Any] | None = None  # get_dataset's module, already checked against the cache
+    launch_args: tuple[str, ...] | None = None
+    applied: bool = False  # ReGATE's patches are bound to this invocation
+    do_train: bool | None = None  # None: LLaMA-Factory never parsed its training arguments in this process
+    trainer_patched: bool = False  # the patched CustomSeq2SeqTrainer.__init__ attached ReGATE
+
+
+def apply(config: ReGATEConfig, ref_cache: str | None, *, resume_without_state: bool = False,
+          invocation: Invocation | None = None) -> None:
+    """Patch LLaMA-Factory's SFT workflow for ReGATE (``ref_cache=None``: packing only). Idempotent.
+    ``resume_without_state``: a checkpoint without ReGATE's state (a baseline's) may be resumed."""
     from llamafactory.train import tuner
     from llamafactory.train.sft import trainer, workflow
 
-    upstream.wrap(tuner, "get_train_args", _checked_train_args)
-    upstream.wrap(workflow, "get_dataset", _checked_get_dataset(ref_cache))
-    upstream.wrap(trainer.CustomSeq2SeqTrainer, "__init__", _trainer_init(config, ref_cache))
+    invocation = invocation or Invocation()
+    invocation.applied = True
+    upstream.wrap(tuner, "get_train_args", functools.partial(_checked_train_args, invocation=invocation))
+    upstream.wrap(workflow, "get_dataset", _checked_get_dataset(ref_cache, invocation))
+    upstream.wrap(trainer.CustomSeq2SeqTrainer, "__init__", _trainer_init(config, ref_cache, resume_without_state, invocation))
 
 
-def launch(args: list[str], attn_implementation: str | None = None) -> None:
+def launch(args: list[str], attn_implementation: str | None = None, *, invocation: Invocation | None = None) -> None:
     """Run LLaMA-Factory's ``run_exp()`` on ``args`` (``train.yaml [key=value ...]``), in this process.
-    The attention of unpacked forwards is the YAML's ``flash_attn`` (LLaMA-Factory's own setting)."""
+    The attention of unpacked forwards is the YAML's ``flash_attn`` (LLaMA-Factory's own setting).
+    With ReGATE applied, a training run that never reached the patched trainer is an error."""
     from llamafactory.train.tuner import run_exp
 
     if attn_implementation is not None:
         raise TargetRefusal("--attn-implementation does not apply to LLaMA-Factory: set flash_attn in the YAML")
+    invocation = invocation or Invocation()
+    invocation.launch_args = tuple(args)
     run_exp(_read_args(args))
+    if invocation.applied and invocation.do_train is not False and not invocation.trainer_patched:
+        raise TargetRefusal(
+            "LLaMA-Factory trained without ReGATE: its patched CustomSeq2SeqTrainer never ran in this process "
+            "(use_ray, or a LLaMA-Factory whose SFT workflow builds another trainer): set use_ray: false and use "
+            "llamafactory 0.9.5"
+        )
 
 
 def _read_args(args: list[str]) -> Any:
@@ -71,7 +104,12 @@ def _read_args(args: list[str]) -> Any:
         sys.argv = argv
 
 
-def refusal(data_args: Any, finetuning_args: Any) -> str | None:
+# LLaMA-Factory's losses that set the Trainer's compute_loss_func: the Trainer then pops the labels
+# before the forward, which falls back to the dense forward without them.
+OWN_LOSSES = ("use_dft_loss", "use_eaft_loss", "use_asft_loss")
+
+
+def refusal(data_args: Any, training_args: Any, finetuning_args: Any) -> str | None:
     """Why ReGATE cannot train with these arguments, or None."""
     if finetuning_args.stage != "sft":
         return f"ReGATE trains LLaMA-Factory's sft stage, not {finetuning_args.stage!r}: set stage: sft"
@@ -83,33 +121,46 @@ def refusal(data_args: Any, finetuning_args: Any) -> str | None:
                 "(padding removed): set packing: false and neat_packing: false")
     if data_args.streaming:
         return "streaming datasets have no sample index: set streaming: false"
+    for name in OWN_LOSSES:
+        if getattr(finetuning_args, name):
+            return (f"{name} makes LLaMA-Factory compute the loss itself (a compute_loss_func), without the labels "
+                    f"ReGATE trains on, so it would silently train dense: set {name}: false")
+    if training_args.label_smoothing_factor > 0:
+        return (f"label_smoothing_factor {training_args.label_smoothing_factor:g} makes the Trainer smooth the loss "
+                "itself, without the labels ReGATE trains on, so it would silently train dense: set label_smoothing_factor: 0")
     return None
 
 
-def _checked_train_args(args, original):
+def _checked_train_args(args, original, invocation: Invocation):
     """``tuner.get_train_args`` replacement (``upstream.wrap`` passes its one argument first): upstream's
     parsing, then the refusals, before anything loads."""
     parsed = original(args)
-    reason = refusal(parsed[1], parsed[3])
+    reason = refusal(parsed[1], parsed[2], parsed[3])
     if reason:
         raise TargetRefusal(reason)
+    invocation.do_train = bool(parsed[2].do_train)
     return parsed
 
 
-def _checked_get_dataset(ref_cache: str | None):
+def _checked_get_dataset(ref_cache: str | None, invocation: Invocation):
     """``workflow.get_dataset`` replacement (``upstream.wrap`` passes the template first): the cache
-    checked against the dataset LLaMA-Factory built, before ``load_model``."""
+    checked against the dataset LLaMA-Factory built, before ``load_model``. The dataset the pre-launch
+    check built from this launch's arguments, already checked, is used instead of building it again."""
 
     def get_dataset(template, original, model_args, data_args, training_args, stage, **tokenizer_module):
+        if invocation.checked_dataset is not None and stage == "sft" and invocation.checked_args == invocation.launch_args:
+            module, invocation.checked_dataset = invocation.checked_dataset, None
+            return module
         module = original(template, model_args, data_args, training_args, stage, **tokenizer_module)
         if ref_cache is not None and training_args.do_train:
-            RefCache.open(ref_cache, expect=source(module["train_dataset"], model_args, data_args, "").expected())
+            computed_once(lambda: RefCache.open(
+                ref_cache, expect=source(module["train_dataset"], model_args, data_args, "").expected()))
         return module
 
     return get_dataset
 
 
-def _trainer_init(config: ReGATEConfig, ref_cache: str | None):
+def _trainer_init(config: ReGATEConfig, ref_cache: str | None, resume_without_state: bool, invocation: Invocation):
     """``CustomSeq2SeqTrainer.__init__`` replacement: upstream's, then indices, hf.enable and the callback."""
 
     def init(self, original, *args, **kwargs):
@@ -118,12 +169,13 @@ def _trainer_init(config: ReGATEConfig, ref_cache: str | None):
         original(self, *args, **kwargs)
         if self.train_dataset is None:  # evaluation or prediction only: upstream's code
             return
-        engine = ReGATEEngine(config, None if ref_cache is None else RefCache.open(ref_cache))
+        engine = ReGATEEngine(config, None if ref_cache is None else computed_once(lambda: RefCache.open(ref_cache)))
         hf.enable(upstream.student(self.model), engine)
         self.train_dataset = IndexedDataset(self.train_dataset)
         self.data_collator = IndexedCollator(self.data_collator)  # eval/predict batches pass through
         resume = self.args.resume_from_checkpoint  # a path, set by the YAML or found by get_train_args
-        attach(self, engine, resume if isinstance(resume, str) else None)
+        attach(self, engine, resume if isinstance(resume, str) else None, resume_without_state=resume_without_state)
+        invocation.trainer_patched = True
 
     return init
 
@@ -157,24 +209,30 @@ def source(dataset: Any, model_args: Any, data_args: Any, teacher: str) -> hf.HF
     return hf.HFScoringSource(dataset, model_args.model_name_or_path, dataset_id, data_args.cutoff_len, teacher)
 
 
-def scoring_source(args: list[str], teacher: str) -> hf.HFScoringSource:
-    """The SFT training set of ``train.yaml [key=value ...]``, built by LLaMA-Factory's own pipeline."""
+def scoring_source(args: list[str], teacher: str, *, invocation: Invocation | None = None) -> hf.HFScoringSource:
+    """The SFT training set of ``train.yaml [key=value ...]``, built by LLaMA-Factory's own pipeline;
+    kept in ``invocation`` for the run's own ``get_dataset``."""
     from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
     from llamafactory.hparams import get_train_args
     from llamafactory.model import load_tokenizer
 
     model_args, data_args, training_args, finetuning_args, _ = get_train_args(_read_args(args))
-    reason = refusal(data_args, finetuning_args)
+    reason = refusal(data_args, training_args, finetuning_args)
     if reason:
         raise TargetRefusal(reason)
     tokenizer_module = load_tokenizer(model_args)
     template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
     module = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
+    if invocation is not None:
+        invocation.checked_args, invocation.checked_dataset = tuple(args), module
     return source(module["train_dataset"], model_args, data_args, teacher)
 
 
 @hookimpl
 def regate_targets() -> list[Target]:
     summary = "hiyouga/LLaMA-Factory 0.9.5 SFT (hf table classes): regate train --target llamafactory -- train.yaml"
-    return [Target("llamafactory", summary, requirement=requirement, apply=apply, launch=launch,
-                   scoring_source=scoring_source)]
+    invocation = Invocation()  # one per `regate` command: the targets are built afresh for each
+    return [Target("llamafactory", summary, requirement=requirement,
+                   apply=functools.partial(apply, invocation=invocation),
+                   launch=functools.partial(launch, invocation=invocation),
+                   scoring_source=functools.partial(scoring_source, invocation=invocation))]

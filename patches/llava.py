@@ -44,14 +44,16 @@ def requirement() -> str | None:
     return require("transformers", ">=4.36,<4.38")
 
 
-def apply(config: ReGATEConfig, ref_cache: str | None) -> None:
-    """Patch LLaVA's training code for ReGATE (``ref_cache=None``: packing only). Idempotent."""
+def apply(config: ReGATEConfig, ref_cache: str | None, *, resume_without_state: bool = False) -> None:
+    """Patch LLaVA's training code for ReGATE (``ref_cache=None``: packing only). Idempotent.
+    ``resume_without_state``: a checkpoint without ReGATE's state (a baseline's) may be resumed."""
     from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
     from llava.train import llava_trainer, train
 
     upstream.wrap(train.LazySupervisedDataset, "__getitem__", upstream.getitem_with_index)
     upstream.wrap(train.DataCollatorForSupervisedDataset, "__call__", upstream.collate_with_index)
-    upstream.wrap(llava_trainer.LLaVATrainer, "__init__", upstream.trainer_init(config, ref_cache, _expected))
+    init = upstream.trainer_init(config, ref_cache, _expected, resume_without_state=resume_without_state)
+    upstream.wrap(llava_trainer.LLaVATrainer, "__init__", init)
     upstream.wrap(LlavaLlamaForCausalLM, "__init__", upstream.shim_init(config.attn_backend))
     upstream.wrap(LlavaLlamaForCausalLM, "forward", _forward)
 
@@ -83,10 +85,26 @@ def _forward(self, original, input_ids=None, attention_mask=None, position_ids=N
                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                         output_attentions=output_attentions, output_hidden_states=output_hidden_states, images=images,
                         image_sizes=image_sizes, return_dict=return_dict, **kwargs)
+    context = _merged_context_ids(self, input_ids, position_ids, attention_mask, labels, images, image_sizes)
     _, position_ids, attention_mask, _, embeds, labels = self.prepare_inputs_labels_for_multimodal(
         input_ids, position_ids, attention_mask, None, labels, images, image_sizes
     )
-    return upstream.packed_loss(self, engine, embeds, labels, attention_mask, sample_index, position_ids)
+    return upstream.packed_loss(self, engine, embeds, labels, attention_mask, sample_index, position_ids,
+                                upstream.merged_context(*context, labels))
+
+
+def _merged_context_ids(model, input_ids, position_ids, attention_mask, labels, images, image_sizes):
+    """(context ids, labels) of the micro-batch as LLaVA's own merge lays it out, run on a
+    ``TokenIdCarrier`` with the model's config (host-side, on CPU copies; the images only counted)."""
+    from llava.model.llava_arch import LlavaMetaForCausalLM
+
+    carrier = upstream.TokenIdCarrier(model.get_vision_tower().num_patches, 0)
+    carrier.config = model.config
+    cpu = [None if t is None else t.cpu() for t in (input_ids, position_ids, attention_mask, labels)]
+    _, _, _, _, embeds, merged_labels = LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal(
+        carrier, cpu[0], cpu[1], cpu[2], None, cpu[3], images, image_sizes
+    )
+    return carrier.context_ids(embeds), merged_labels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,6 +127,16 @@ class _TextOnly:
         self.merge = LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal
 
     def sample(self, record: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input ids, labels) as the teacher reads them: the pad id at visual positions."""
+        embeds, labels = self._merged(record)
+        return self.carrier.token_ids(embeds), labels
+
+    def context(self, record: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(canonical context ids, labels): visual positions marked (``identity.mark_visual``)."""
+        embeds, labels = self._merged(record)
+        return self.carrier.context_ids(embeds), labels
+
+    def _merged(self, record: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         from llava.train.train import preprocess, preprocess_multimodal
 
         has_image = "image" in record
@@ -121,7 +149,7 @@ class _TextOnly:
             self.carrier, input_ids, None, torch.ones_like(input_ids, dtype=torch.bool), None, labels,
             torch.zeros(1, 1, 1, 1),
         )
-        return embeds[0, :, 0].long(), merged_labels[0]
+        return embeds[0], merged_labels[0]
 
 
 def _dataset_field(data_path: str, num_samples: int, probe: str) -> str:
@@ -168,7 +196,7 @@ class LlavaScoringSource(upstream.RecordsSource):
         records = json.loads(Path(data_args.data_path).read_text())
         fields = functools.partial(_fingerprint_fields, records, data_args.data_path, tokenizer, num_visual,
                                    data_args.image_aspect_ratio, self.text_only)
-        self.finish(records, _TextOnly(tokenizer, data_args, num_visual).sample, tokenizer, fields, teacher)
+        self.finish(records, _TextOnly(tokenizer, data_args, num_visual).context, tokenizer, fields, teacher)
 
 
 @hookimpl

@@ -22,9 +22,12 @@ import torch
 from regate_plugin.attention import segment_gapped_span, segment_max_span
 from regate_plugin.config import ReGATEConfig
 from regate_plugin.engine import SAMPLE_INDEX_KEY, ReGATEEngine
+from regate_plugin.identity import mark_visual
+from regate_plugin.once import computed_once
 from regate_plugin.packing import pack
 from regate_plugin.refcache import RefCache
 from regate_plugin.scoring import FingerprintedSource, tokenizer_fingerprint
+from regate_plugin.wrappers import student
 
 from . import legacy_attention
 
@@ -73,28 +76,18 @@ def shim_init(attn_backend: str) -> Callable[..., None]:
     return init
 
 
-def student(model: Any) -> Any:
-    """The model under its wrappers, where ``hf.enable`` / the trainer put the engine: LoRA (peft
-    ``get_base_model``) and DDP/accelerate (``.module``) in any nesting, e.g. DDP(PeftModel(model))."""
-    while True:
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif isinstance(getattr(model, "module", None), torch.nn.Module):
-            model = model.module
-        else:
-            return model
-
-
 def engine_of(model: torch.nn.Module) -> ReGATEEngine | None:
     """The engine the trainer put on ``model`` (None: upstream's forward)."""
     return model.__dict__.get("_regate_engine")
 
 
 def trainer_init(config: ReGATEConfig, ref_cache: str | None, expected: Callable[[Any, Any], dict[str, Any]],
-                 check: Callable[[Any], None] = lambda model: None) -> Callable[..., None]:
+                 check: Callable[[Any], None] = lambda model: None,
+                 resume_without_state: bool = False) -> Callable[..., None]:
     """Trainer ``__init__`` replacement: upstream's, then ``check(model)`` (refuses a model the target
     cannot train), the reference cache checked against this run (``expected(trainer, model)``: its
-    fingerprint fields) before any step, the engine on the model, and ReGATE's callback."""
+    fingerprint fields) before any step, the engine on the model, and ReGATE's callback
+    (``resume_without_state``: resuming a checkpoint without ReGATE's state is allowed)."""
 
     def init(self, original, *args, **kwargs):
         from regate_plugin.trainer import attach
@@ -102,20 +95,24 @@ def trainer_init(config: ReGATEConfig, ref_cache: str | None, expected: Callable
         original(self, *args, **kwargs)
         model = student(self.model)
         check(model)
-        cache = None if ref_cache is None else RefCache.open(ref_cache, expect=expected(self, model))
+        cache = None if ref_cache is None else computed_once(lambda: RefCache.open(ref_cache, expect=expected(self, model)))
         model._regate_engine = ReGATEEngine(config, cache)
-        attach(self, model._regate_engine)
+        attach(self, model._regate_engine, resume_without_state=resume_without_state)
 
     return init
 
 
 def launch_train(train: Callable[[str], None], args: list[str], attn_implementation: str | None) -> None:
     """Call upstream's ``train(attn_implementation)`` on its command-line ``args``, in this process."""
-    if attn_implementation is None:  # upstream's scripts pass flash_attention_2, which needs flash-attn
-        attn_implementation = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
     allow_rng_state_load()
     sys.argv = [sys.argv[0], *args]
-    train(attn_implementation)
+    train(resolved_attn_implementation(attn_implementation))
+
+
+def resolved_attn_implementation(requested: str | None) -> str:
+    """The attention of upstream's unpacked forwards: the one asked for, else flash_attention_2 (what
+    upstream's scripts pass, which needs flash-attn) when flash-attn is installed, else sdpa."""
+    return requested or ("flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa")
 
 
 def rng_state_globals() -> list[Any]:
@@ -145,9 +142,9 @@ def _load_rng_state(self, original, checkpoint):
 
 
 class TokenIdCarrier:
-    """Stands in for the model in upstream's ``prepare_inputs_labels_for_multimodal``: one-dimensional
-    'embeddings' that hold the token ids (float64, exact), the pad id for every visual feature.
-    ``config`` holds the model-config fields upstream's merge reads (LLaVA's)."""
+    """Stands in for the model in upstream's ``prepare_inputs_labels_for_multimodal``: two-channel
+    'embeddings' (float64, exact): the token id, or the pad id for a visual feature, and 1 where the
+    position is visual. ``config`` holds the model-config fields upstream's merge reads (LLaVA's)."""
 
     device = torch.device("cpu")
 
@@ -162,16 +159,40 @@ class TokenIdCarrier:
         return self
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return ids.double().unsqueeze(-1)
+        return torch.stack([ids.double(), torch.zeros_like(ids, dtype=torch.float64)], dim=-1)
 
     def visual_features(self, count: int) -> torch.Tensor:
-        return torch.full((count, self.num_visual, 1), float(self.pad_token_id), dtype=torch.float64)
+        features = torch.ones((count, self.num_visual, 2), dtype=torch.float64)
+        features[..., 0] = self.pad_token_id
+        return features
+
+    @staticmethod
+    def token_ids(embeds: torch.Tensor) -> torch.Tensor:
+        """The merged token ids (the pad id at visual positions)."""
+        return embeds[..., 0].long()
+
+    @staticmethod
+    def context_ids(embeds: torch.Tensor) -> torch.Tensor:
+        """The merged canonical context ids (``identity.mark_visual``)."""
+        return mark_visual(embeds[..., 0].long(), embeds[..., 1] > 0)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:  # LLaVA's name
         return self.visual_features(images.shape[0])
 
     def encode_images_or_videos(self, images: list[Any]) -> torch.Tensor:  # VideoLLaMA2's name
         return self.visual_features(len(images))
+
+
+def merged_context(context_ids: torch.Tensor, carrier_labels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The context ids of a merged micro-batch, from upstream's merge run again on a ``TokenIdCarrier``;
+    refused unless that merge gave the labels the model's own merge gave (the two line up)."""
+    if carrier_labels.shape != labels.shape or not torch.equal(carrier_labels.cpu(), labels.cpu()):
+        raise RuntimeError(
+            f"upstream's multimodal merge of the token ids gave labels {tuple(carrier_labels.shape)} unlike the model's "
+            f"{tuple(labels.shape)}: ReGATE cannot check this micro-batch against the reference cache; report it with "
+            "your upstream version"
+        )
+    return context_ids
 
 
 def fingerprint_fields(dataset: str, tokenizer: Any, visual_tokens: str) -> dict[str, Any]:
@@ -190,9 +211,9 @@ class RecordsSource(FingerprintedSource):
 
     use_fast = True
 
-    def finish(self, records: list[Any], sample: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
+    def finish(self, records: list[Any], context: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
                tokenizer: Any, fields: Callable[[], dict[str, Any]], teacher: str) -> None:
-        self.records, self._sample = records, sample
+        self.records, self._context = records, context
         self.pad_token_id = tokenizer.pad_token_id
         self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
         self.decode = tokenizer.decode
@@ -208,8 +229,8 @@ class RecordsSource(FingerprintedSource):
     def __len__(self) -> int:
         return len(self.records)
 
-    def text_only(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._sample(self.records[index])
+    def context(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._context(self.records[index])
 
 
 def parse_sample_arguments(model_cls: type, data_cls: type, training_cls: type, args: list[str]) -> tuple[Any, Any, int]:
@@ -227,11 +248,13 @@ def parse_sample_arguments(model_cls: type, data_cls: type, training_cls: type, 
 
 
 def packed_loss(model: torch.nn.Module, engine: ReGATEEngine, embeds: torch.Tensor, labels: torch.Tensor,
-                attention_mask: torch.Tensor | None, sample_index: Any, position_ids: torch.Tensor | None = None) -> Any:
-    """The training forward after upstream's merge: plan, pack, decoder layers through the shim, loss."""
+                attention_mask: torch.Tensor | None, sample_index: Any, position_ids: torch.Tensor | None = None,
+                context_ids: torch.Tensor | None = None) -> Any:
+    """The training forward after upstream's merge: plan, pack, decoder layers through the shim, loss.
+    ``context_ids``: the merged batch's canonical context (``merged_context``)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    plan = engine.plan(labels, attention_mask, sample_index, position_ids)
+    plan = engine.plan(labels, attention_mask, sample_index, position_ids, context_ids=context_ids)
     packed, host = plan.packed, plan.host
     cols = host.position_ids[0]  # these stacks number a sample's tokens 0..n-1
     hidden = legacy_attention.packed_decoder(model.model, pack(embeds, packed), packed.position_ids, packed.cu_seqlens,

@@ -84,15 +84,17 @@ def _model_classes() -> list[type]:
     return [Videollama2MistralForCausalLM, Videollama2Qwen2ForCausalLM]
 
 
-def apply(config: ReGATEConfig, ref_cache: str | None) -> None:
-    """Patch VideoLLaMA2's training code for ReGATE (``ref_cache=None``: packing only). Idempotent."""
+def apply(config: ReGATEConfig, ref_cache: str | None, *, resume_without_state: bool = False) -> None:
+    """Patch VideoLLaMA2's training code for ReGATE (``ref_cache=None``: packing only). Idempotent.
+    ``resume_without_state``: a checkpoint without ReGATE's state (a baseline's) may be resumed."""
     upstream_importable()
     from videollama2 import train
     from videollama2.videollama2_trainer import VideoLLaMA2Trainer
 
     upstream.wrap(train.LazySupervisedDataset, "__getitem__", upstream.getitem_with_index)
     upstream.wrap(train.DataCollatorForSupervisedDataset, "__call__", upstream.collate_with_index)
-    upstream.wrap(VideoLLaMA2Trainer, "__init__", upstream.trainer_init(config, ref_cache, _expected, _check_model))
+    init = upstream.trainer_init(config, ref_cache, _expected, _check_model, resume_without_state)
+    upstream.wrap(VideoLLaMA2Trainer, "__init__", init)
     for cls in _model_classes():
         upstream.wrap(cls, "__init__", upstream.shim_init(config.attn_backend))
         upstream.wrap(cls, "forward", _forward)
@@ -141,6 +143,7 @@ def _forward(self, original, input_ids=None, attention_mask=None, position_ids=N
     # Upstream's merge: (input_ids, attention_mask, past_key_values, inputs_embeds, labels); the
     # mask keeps the collator's right padding masked inside each row. No position ids: upstream's
     # forward drops them, so every row uses positions 0..L-1 (what the plan uses for None).
+    context = _merged_context_ids(self, input_ids, attention_mask, labels, images)
     input_ids, attention_mask, _, embeds, labels = self.prepare_inputs_labels_for_multimodal(
         input_ids, attention_mask, None, labels, images
     )
@@ -148,7 +151,24 @@ def _forward(self, original, input_ids=None, attention_mask=None, position_ids=N
         embeds = self.get_model().embed_tokens(input_ids)
     if attention_mask is None:
         attention_mask = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
-    return upstream.packed_loss(self, engine, embeds, labels, attention_mask, sample_index)
+    return upstream.packed_loss(self, engine, embeds, labels, attention_mask, sample_index,
+                                context_ids=upstream.merged_context(*context, labels))
+
+
+def _merged_context_ids(model, input_ids, attention_mask, labels, images) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context ids, labels) of the micro-batch as upstream's own merge lays it out, run on a
+    ``TokenIdCarrier`` (host-side, on CPU copies; the images and videos only counted)."""
+    from videollama2.model.videollama2_arch import Videollama2MetaForCausalLM
+
+    tower = model.get_vision_tower()
+    layout = VisualLayout(model.config.mm_projector_type, model.num_frames(), tower.config, tower.select_feature,
+                          model.config.hidden_size)
+    carrier = upstream.TokenIdCarrier(layout.tokens, 0)
+    mask = None if attention_mask is None else attention_mask.cpu()
+    ids, _, _, embeds, merged_labels = Videollama2MetaForCausalLM.prepare_inputs_labels_for_multimodal(
+        carrier, input_ids.cpu(), mask, None, labels.cpu(), images
+    )
+    return (ids if embeds is None else carrier.context_ids(embeds)), merged_labels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +241,17 @@ class _TextOnly:
         self.merge = Videollama2MetaForCausalLM.prepare_inputs_labels_for_multimodal
 
     def sample(self, record: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input ids, labels) as the teacher reads them: the pad id at visual positions."""
+        ids, embeds, labels = self._merged(record)
+        return (ids if embeds is None else self.carrier.token_ids(embeds)), labels
+
+    def context(self, record: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(canonical context ids, labels): visual positions marked (``identity.mark_visual``)."""
+        ids, embeds, labels = self._merged(record)
+        return (ids if embeds is None else self.carrier.context_ids(embeds)), labels
+
+    def _merged(self, record: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(unmerged ids, carrier embeddings or None for upstream's text-only shortcut, labels) of one record."""
         from videollama2.train import preprocess, preprocess_multimodal, preprocess_plain
 
         # As LazySupervisedDataset.__getitem__ does, without reading the file.
@@ -240,8 +271,7 @@ class _TextOnly:
         input_ids, _, _, embeds, labels = self.merge(
             self.carrier, batch["input_ids"], batch["attention_mask"], None, batch["labels"], batch["images"]
         )
-        ids = input_ids[0] if embeds is None else embeds[0, :, 0].long()
-        return ids, labels[0]
+        return input_ids[0], None if embeds is None else embeds[0], labels[0]
 
 
 def _dataset_field(data_args, num_samples: int, tokenizer, probe: str) -> str:
@@ -296,7 +326,7 @@ class VideoLLaMA2ScoringSource(upstream.RecordsSource):
         for path in data_args.data_path:
             records.extend(json.loads(Path(path).read_text()))
         fields = functools.partial(_fingerprint_fields, records, data_args, tokenizer, self.layout, self.text_only)
-        self.finish(records, _TextOnly(tokenizer, data_args, self.layout.tokens).sample, tokenizer, fields, teacher)
+        self.finish(records, _TextOnly(tokenizer, data_args, self.layout.tokens).context, tokenizer, fields, teacher)
 
 
 @hookimpl

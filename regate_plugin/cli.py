@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import os
 import shlex
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,7 +19,7 @@ from . import __version__
 from .attention import BackendUnavailable, UnsupportedAttention
 from .collectives import close_process_group
 from .config import ATTN_BACKENDS, ELISIONS, SCORES, SELECTIONS, ConfigError, ReGATEConfig
-from .engine import BatchError
+from .engine import BatchError, BypassError
 from .hookspecs import TargetRefusal
 from .plugins import PluginError, targets
 from .refcache import RefCache, RefCacheError
@@ -68,7 +70,7 @@ def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # ReGATE's own refusals: each message says what is wrong and what to do, so the CLI shows just that.
-REFUSALS = (RefCacheError, BatchError, PluginError, UnsupportedAttention, BackendUnavailable, TargetRefusal)
+REFUSALS = (RefCacheError, BatchError, BypassError, PluginError, UnsupportedAttention, BackendUnavailable, TargetRefusal)
 
 
 class _Group(click.Group):
@@ -99,6 +101,9 @@ def main(local_rank: int | None) -> None:
         os.environ["LOCAL_RANK"] = str(local_rank)
 
 
+WIDTH = 100  # `regate targets` fits a terminal this wide
+
+
 @main.command("targets")
 def list_targets() -> None:
     """List the codebases ReGATE can patch, and whether each is usable here."""
@@ -106,12 +111,16 @@ def list_targets() -> None:
     if not found:
         click.echo("no targets installed")
         return
+    indent = " " * 15
     for name, target in sorted(found.items()):
         missing = target.requirement()
         status = "ready" if missing is None else f"unavailable: {missing}"
-        click.echo(f"{name:14s} {target.summary}  [{status}]")
+        click.echo(textwrap.fill(target.summary, WIDTH, initial_indent=f"{name:14s} ", subsequent_indent=indent,
+                                 break_on_hyphens=False))
+        click.echo(textwrap.fill(f"[{status}]", WIDTH, initial_indent=indent, subsequent_indent=indent + " ",
+                                 break_on_hyphens=False))
         for line in target.details:
-            click.echo(f"{'':14s}   {line}")
+            click.echo(textwrap.fill(line, WIDTH, initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False))
 
 
 @main.command("schedule")
@@ -279,11 +288,14 @@ def inspect_command(cache_dir: Path, target: str | None, top: int, as_json: bool
 @click.option("--packing-only", is_flag=True, help="Remove padding by packing, elide nothing (needs no cache).")
 @click.option("--attn-implementation", help="Upstream attention for unpacked forwards [flash_attention_2 if "
               "flash-attn is installed, else sdpa].")
+@click.option("--resume-without-regate-state", "resume_without_state", is_flag=True,
+              help="Resume from a checkpoint saved without ReGATE (a baseline's): the EMA starts from the reference "
+              "losses, the schedule at the resumed step.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved configuration and command, and exit.")
 @config_options
 @click.argument("target_args", nargs=-1, type=click.UNPROCESSED)
 def train_command(target: str, enabled: bool, ref_cache: Path | None, packing_only: bool,
-                  attn_implementation: str | None, dry_run: bool, config: ReGATEConfig,
+                  attn_implementation: str | None, resume_without_state: bool, dry_run: bool, config: ReGATEConfig,
                   target_args: tuple[str, ...]) -> None:
     """Run the target's own training with ReGATE, in this process (under deepspeed or torchrun too).
 
@@ -295,17 +307,27 @@ def train_command(target: str, enabled: bool, ref_cache: Path | None, packing_on
     spec = targets().get(target) if dry_run else None
     spec = spec or _target(target)
     if spec.launch is None:
-        raise click.ClickException(f"the {target} target is enabled from your own script, not launched: see README")
+        raise click.ClickException(f"the {target} target is enabled from your own script (hf.enable and attach), not "
+                                   "launched: see docs/targets/hf.md, or `regate score --target hf` for its teacher pass")
     if enabled and not packing_only and ref_cache is None:
         raise click.UsageError("--regate needs --ref-cache (from `regate score`), or --packing-only")
+    if resume_without_state and not enabled:
+        raise click.UsageError("--resume-without-regate-state starts ReGATE on a checkpoint: drop it with --no-regate")
+    if resume_without_state and "resume_without_state" not in inspect.signature(spec.apply).parameters:
+        raise click.UsageError(f"the {target} target cannot resume without ReGATE state: drop --resume-without-regate-state")
     mode = "upstream (no ReGATE)" if not enabled else "packing only" if packing_only else "ReGATE"
     if dry_run:
+        missing = spec.requirement()
+        if missing is not None:
+            click.echo(f"note: the {target} target is not installed here ({missing}); the real run would stop", err=True)
         status = "n/a" if ref_cache is None else "complete" if (ref_cache / "meta.json").is_file() else (
             "partial (rerun regate score)" if ref_cache.with_name(ref_cache.name + ".partial").is_dir() else "missing")
         resolved = {
             "target": target, "mode": mode, "config": config.to_dict() if enabled else None,
+            "target_installed": "yes" if missing is None else f"no: {missing}",
             "ref_cache": str(ref_cache) if ref_cache else None, "ref_cache_status": status,
-            "attn_implementation": attn_implementation or "default",
+            "attn_implementation": upstream_attention(target, attn_implementation),
+            "packed_attention": packed_attention(config) if enabled else None,
             "launcher": {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k in os.environ},
             "command": shlex.join([sys.argv[0], *sys.argv[1:]]),
             "upstream_args": shlex.join(target_args),
@@ -315,9 +337,38 @@ def train_command(target: str, enabled: bool, ref_cache: Path | None, packing_on
     if enabled and not packing_only:
         check_ref_cache(spec, ref_cache, list(target_args))
     if enabled:
-        spec.apply(config, None if packing_only else str(ref_cache))
+        options = {"resume_without_state": True} if resume_without_state else {}  # targets without it keep working
+        spec.apply(config, None if packing_only else str(ref_cache), **options)
     spec.launch(list(target_args), attn_implementation)
     close_process_group()
+
+
+def upstream_attention(target: str, requested: str | None) -> str:
+    """The attention implementation upstream's own (unpacked) forwards will use, as the launch resolves it."""
+    if target == "llamafactory":
+        return ("refused: set flash_attn in the YAML" if requested else
+                "flash_attn from the YAML (LLaMA-Factory's own setting)")
+    from regate_plugin.patches.upstream import resolved_attn_implementation
+
+    return resolved_attn_implementation(requested)
+
+
+def packed_attention(config: ReGATEConfig) -> str:
+    """The varlen backend the packed forwards will run on this machine (bf16 on a GPU), and why."""
+    import torch
+
+    from .attention import AUTO_ORDER, BACKEND_ENV, why_unavailable
+
+    forced_by = f"${BACKEND_ENV}" if os.environ.get(BACKEND_ENV) else "--attn-backend"
+    choice = os.environ.get(BACKEND_ENV) or config.attn_backend
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice != "auto":
+        reason = why_unavailable(choice, device, torch.bfloat16)
+        return f"{choice} (from {forced_by})" + (f"; cannot run here: {reason}" if reason else "")
+    if device.type != "cuda":
+        return f"auto: sdpa here (no CUDA device); on a GPU the first of {', '.join(AUTO_ORDER)} that is installed"
+    usable = [b for b in AUTO_ORDER if why_unavailable(b, device, torch.bfloat16) is None]
+    return f"auto: {usable[0] if usable else 'sdpa (no varlen kernel installed: pip install regate-plugin[flash])'}"
 
 
 def check_ref_cache(spec: Any, ref_cache: Path, target_args: list[str]) -> None:
@@ -331,10 +382,11 @@ def check_ref_cache(spec: Any, ref_cache: Path, target_args: list[str]) -> None:
 
 
 def _register_commands() -> None:
-    from . import bench, demo
+    from . import bench, demo, estimate
 
     main.add_command(bench.command)
     main.add_command(demo.command)
+    main.add_command(estimate.make_command(config_options))
 
 
 _register_commands()

@@ -2,7 +2,7 @@
 
 The model-agnostic core a target plugin calls from its patched forward::
 
-    plan = engine.plan(labels, attention_mask, sample_ids)      # units -> scores -> keep mask -> Packed
+    plan = engine.plan(labels, attention_mask, sample_ids, context_ids=ids)  # units -> scores -> keep mask -> Packed
     ... run the language model on pack(embeds, plan.packed) ...
     loss = engine.loss(plan, hidden, lm_head)                   # kept rows; queues their losses
     engine.end_step()                                           # exchange across ranks, apply, observe
@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import pluggy
@@ -40,7 +40,8 @@ from .plugins import (
     log_active_plugins,
     plugin_manager,
 )
-from .refcache import RefCache, sample_change, target_digests
+from .identity import sample_change, sample_digests
+from .refcache import RefCache
 from .selection import keep_mask_for
 from .words import WordProgress
 from .units import Units, find_units
@@ -57,6 +58,12 @@ class _ModuleRef(NamedTuple):
 
 class BatchError(ValueError):
     """A batch does not fit the reference cache; the message names the sample and the likely cause."""
+
+
+class BypassError(RuntimeError):
+    """A training micro-batch of a run with ReGATE on did not go through ``plan()``: something
+    between the Trainer and the model (a loss the Trainer computes itself, a replaced forward)
+    routed it around the packed forward, and the step trained dense."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,7 @@ class ReGATEEngine:
         self.words = WordProgress() if refcache is not None and config.score == "learnable" else None
         self.step = 0
         self._totals = [0, 0, 0, 0]  # supervised_total, supervised_kept, llm_tokens, padded_tokens
+        self._planned = 0  # micro-batches planned in this optimizer step
         self._losses: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # flat index, targets (host), losses (device)
 
     @property
@@ -125,14 +133,25 @@ class ReGATEEngine:
         attention_mask: torch.Tensor | None,
         sample_ids: torch.Tensor | None,
         position_ids: torch.Tensor | None = None,
+        *,
+        context_ids: torch.Tensor | None = None,
     ) -> StepPlan:
-        """Find, score and select this micro-batch's units and plan the packed row."""
+        """Find, score and select this micro-batch's units and plan the packed row.
+
+        ``context_ids`` (B, L), aligned with ``labels``: the micro-batch's input ids after the
+        multimodal merge with every visual position set to ``identity.VISUAL_MARKER``
+        (``identity.mark_visual``); padding is read from ``attention_mask``. Needed with a cache
+        that records per-sample digests: each row's digest of its context and targets must be the
+        one recorded when the sample was scored.
+        """
         device = labels.device
-        labels, attention_mask, position_ids = (None if t is None else t.cpu() for t in (labels, attention_mask, position_ids))
+        labels, attention_mask, position_ids, context_ids = (
+            None if t is None else t.cpu() for t in (labels, attention_mask, position_ids, context_ids)
+        )
         units = find_units(labels, attention_mask)
         ratio = self.keep_ratio()
         if not self.packing_only:
-            sample_ids = self._check_samples(sample_ids, units, labels)
+            sample_ids = self._check_samples(sample_ids, units, labels, attention_mask, context_ids)
             if self.online:
                 self.ema.initialize(*self.refcache.ensure(sample_ids))
         if ratio >= 1.0:
@@ -155,6 +174,7 @@ class ReGATEEngine:
         self._totals[1] += int(unit_keep.sum())
         self._totals[2] += host.num_tokens
         self._totals[3] += labels.numel()
+        self._planned += 1
         return StepPlan(units, unit_keep, keep_mask, host.to(device), host, sample_ids, ratio)
 
     def loss(
@@ -205,8 +225,21 @@ class ReGATEEngine:
                 self.words.record(torch.cat([targets for _, targets, _ in self._losses]), losses, self.refcache.lookup(flat))
             self._losses.clear()
 
-    def end_step(self, group: Any = None) -> StepStats:
-        """Commit the step's EMA updates (all ranks), report the step's token counts, advance the step."""
+    def end_step(self, group: Any = None, micro_batches: int | None = None,
+                 likely_causes: Callable[[], str] | None = None) -> StepStats:
+        """Commit the step's EMA updates (all ranks), report the step's token counts, advance the step.
+
+        ``micro_batches``: how many training micro-batches the step ran (the Trainer glue counts them).
+        Fewer of them planned than that means some bypassed the packed forward: ``BypassError``,
+        whose one line names ``likely_causes()`` (what the caller sees in the trainer and model).
+        """
+        if micro_batches is not None and self._planned < micro_batches:
+            causes = likely_causes() if likely_causes is not None else ""
+            raise BypassError(
+                f"ReGATE is on, but {micro_batches - self._planned} of the {micro_batches} training micro-batches of "
+                f"step {self.step} did not run its packed forward, so the step trained dense{causes}"
+            )
+        self._planned = 0
         if not self.packing_only:
             self._queue_losses()
             inits = self.ema.commit(group)
@@ -238,6 +271,7 @@ class ReGATEEngine:
             if state.get("words") is not None:
                 self.words.load_state_dict(state["words"])
         self._losses.clear()
+        self._planned = 0
         self.step = int(state["step"])
 
     def __getstate__(self) -> dict[str, Any]:
@@ -262,10 +296,17 @@ class ReGATEEngine:
                 pm.register(importlib.import_module(plugin.module) if isinstance(plugin, _ModuleRef) else plugin, name=name)
         self.__dict__.update(state)
 
-    def _check_samples(self, sample_ids: torch.Tensor | None, units: Units, labels: torch.Tensor) -> torch.Tensor:
+    def _check_samples(
+        self,
+        sample_ids: torch.Tensor | None,
+        units: Units,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        context_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
         """The batch's sample indices, checked against the cache before the step: in range, and every
-        row's supervised targets those the cache scored (unit count, then target digest). Host-side,
-        on the CPU labels: no device sync."""
+        row the sample the cache scored (unit count, then the digest of its context and targets).
+        Host-side, on the CPU tensors: no device sync."""
         batch = labels.shape[0]
         if sample_ids is None:
             raise BatchError(
@@ -286,8 +327,16 @@ class ReGATEEngine:
         expected = self.ema.counts(sample_ids)
         differ = (found != expected).nonzero(as_tuple=True)[0].numpy()
         if not differ.size and self.refcache.digests is not None:
+            if context_ids is None:
+                raise BatchError(
+                    "the reference cache records each sample's digest of its prompt and answer, but this micro-batch "
+                    "came without its input ids (plan(..., context_ids=...)): call the model with input_ids, or train "
+                    "through a target that passes them"
+                )
+            if context_ids.shape != labels.shape:
+                raise BatchError(f"context ids {tuple(context_ids.shape)} and labels {tuple(labels.shape)} differ in shape")
             cached = np.asarray(self.refcache.digests[sample_ids.numpy()])
-            differ = np.flatnonzero(target_digests(labels, units) != cached)
+            differ = np.flatnonzero(sample_digests(context_ids, labels, units, attention_mask) != cached)
         if differ.size:
             i = int(differ[0])
             raise BatchError(

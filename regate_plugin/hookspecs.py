@@ -107,5 +107,13 @@ def regate_select(
 
 
 @hookspec
+def regate_rearm(model: "torch.nn.Module") -> str | None:
+    """Put ReGATE's forward back on ``model`` (the unwrapped student) wherever a library replaced it
+    since the target enabled it, e.g. Liger-Kernel, which the Trainer applies when training begins,
+    at class or instance level. Called by ``trainer.attach`` and again when training begins; return
+    what was put back, or None (also for a model that is not this target's)."""
+
+
+@hookspec
 def regate_step_end(stats: StepStats) -> None:
     """Observe the token counts of a finished optimizer step (logging, plots, alerts)."""

@@ -1,12 +1,16 @@
-"""The reference-loss cache: ref[s, k] for every supervised unit of a dataset, on disk.
+"""The reference-loss cache on disk: reader (``RefCache``), writer (``RefCacheWriter``) and its progress.
+
+ref[s, k] for every supervised unit of a dataset. What a cache was computed from (fingerprint,
+per-sample digests, their messages) is ``identity``'s.
 
 Layout of a finished cache directory::
 
     losses.f16    flat float16 reference losses, sample after sample (memory-mapped when read)
     offsets.i64   int64 (num_samples + 1,): units of sample s are losses[offsets[s]:offsets[s+1]]
-    digests.u64   uint64 (num_samples,): a digest of each sample's supervised target ids, so training
-                  can check every micro-batch against what was scored (absent in a cache written
-                  without digests, whose fingerprint has an empty ``samples`` field)
+    digests.u64   uint64 (num_samples,): each sample's ``identity.sample_digests`` (its context and
+                  supervised target ids), so training can check every micro-batch against what was
+                  scored (absent in a cache written without digests, whose fingerprint has an empty
+                  ``samples`` field)
     meta.json     format version, sizes, SHA-256 of the files, and the fingerprint of the setup
 
 The writer fills ``<cache>.partial/`` one shard (a contiguous range of samples) at a time, each
@@ -17,7 +21,6 @@ name: a directory under the final name is always complete.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -32,117 +35,25 @@ import numpy as np
 import torch
 
 from .atomic import fsync_dir, write_atomic
-from .units import Units
+from .identity import (  # the errors, Fingerprint and sha256_file stay importable from here, as before the split
+    CacheMismatchError,
+    CorruptCacheError,
+    Fingerprint,
+    RefCacheError,
+    SampleDigests,
+    sample_change,
+    samples_fingerprint,
+    sha256_file,
+)
 
 FORMAT = "regate-refcache"
-VERSION = 2  # v2: per-sample digests
+VERSION = 3  # v2: per-sample digests; v3: the digests cover each sample's context, not only its targets
 LOSSES_FILE = "losses.f16"
 OFFSETS_FILE = "offsets.i64"
 DIGESTS_FILE = "digests.u64"
 META_FILE = "meta.json"
 PROGRESS_FILE = "progress.json"
 FP16_MAX = float(np.finfo(np.float16).max)
-
-
-class RefCacheError(RuntimeError):
-    """A reference cache cannot be used; the message says why and what to do."""
-
-
-class CorruptCacheError(RefCacheError):
-    """Files are missing, truncated or do not match their recorded checksums."""
-
-
-class CacheMismatchError(RefCacheError):
-    """The cache was built for another dataset, tokenizer, teacher or layout than this run."""
-
-
-@dataclass(frozen=True)
-class Fingerprint:
-    """What a cache was computed from; training refuses a cache whose fingerprint differs.
-
-    dataset: the dataset's files, size and a probe of its samples (cheap to recompute when training
-    starts); tokenizer: hash of the vocabulary and template; teacher: hash of the teacher's weights
-    (or a hub id's snapshot commit); visual_tokens: the visual-token layout (e.g. ``"576"`` or
-    ``"16f:1352"``); max_length: truncation length after the multimodal merge; samples:
-    ``samples_fingerprint`` of every sample's target digest (a full pass over the dataset, so
-    training checks each micro-batch against the digests instead; empty: no digests recorded).
-    """
-
-    dataset: str
-    tokenizer: str
-    teacher: str
-    visual_tokens: str
-    max_length: int
-    samples: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "Fingerprint":
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in values]
-        if missing:
-            raise CorruptCacheError(f"fingerprint lacks {missing}")
-        return cls(**{n: values[n] for n in names})
-
-    def differences(self, expected: "Fingerprint | Mapping[str, Any]", mine: str = "cache") -> list[str]:
-        """One line per differing field: 'field: cache has A, this run has B' (``mine`` names the
-        recorded side). A mapping checks only the fields it names (a training run does not know
-        the teacher, say)."""
-        ours = self.to_dict()
-        theirs = expected.to_dict() if isinstance(expected, Fingerprint) else dict(expected)
-        unknown = sorted(set(theirs) - set(ours))
-        if unknown:
-            raise ValueError(f"unknown fingerprint field(s) {unknown}; fields: {sorted(ours)}")
-        return [f"{k}: {mine} has {ours[k]!r}, this run has {v!r}" for k, v in theirs.items() if ours[k] != v]
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def sha256_json(value: Any) -> str:
-    """Stable hash of a JSON-able value (sorted keys), for building fingerprint fields."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def target_digests(labels: torch.Tensor, units: Units) -> np.ndarray:
-    """(B,) uint64: an 8-byte BLAKE2b digest of each row's supervised target ids (``labels[row,
-    col + 1]`` at its units, in order). Equal digests mean the cached losses score the same tokens."""
-    targets = labels[units.row, units.col + 1].numpy().astype("<i8", copy=False)
-    bounds = np.cumsum(units.counts.numpy())
-    starts = bounds - units.counts.numpy()
-    blocks = (hashlib.blake2b(targets[a:b].tobytes(), digest_size=8).digest() for a, b in zip(starts, bounds))
-    return np.frombuffer(b"".join(blocks), dtype="<u8").astype(np.uint64)
-
-
-def samples_fingerprint(digests: np.ndarray) -> str:
-    """The fingerprint's ``samples`` field: a hash of every sample's digest, in order."""
-    return hashlib.sha256(np.asarray(digests, dtype="<u8").tobytes()).hexdigest()[:16]
-
-
-def sample_change(index: int, count: int, cached_count: int) -> str:
-    """Why sample ``index`` no longer matches the cache: its supervised token count, or only its tokens."""
-    if count != cached_count:
-        return f"sample {index} has {count} supervised tokens but the reference cache holds {cached_count} (token count changed)"
-    return f"sample {index} has as many supervised tokens as the reference cache ({count}) but other token ids (tokens changed)"
-
-
-@dataclass(frozen=True)
-class SampleDigests:
-    """Every sample's supervised token count and target digest: what a scan of the dataset finds."""
-
-    counts: np.ndarray  # int64 (num_samples,)
-    digests: np.ndarray  # uint64 (num_samples,)
-
-    @property
-    def fingerprint(self) -> str:
-        return samples_fingerprint(self.digests)
 
 
 def _json_bytes(value: Any) -> bytes:
@@ -193,8 +104,8 @@ class RefCache:
             found = (meta.get("format"), meta.get("version")) if isinstance(meta, dict) else (type(meta).__name__, None)
             if found[0] == FORMAT and isinstance(found[1], int) and found[1] < VERSION:
                 raise CorruptCacheError(
-                    f"{path} is a v{found[1]} cache from an older regate-plugin (this one reads v{VERSION}, which "
-                    "records per-sample digests): rebuild it with `regate score`"
+                    f"{path} is a v{found[1]} cache from an older regate-plugin (this one reads v{VERSION}, whose "
+                    "per-sample digests cover each sample's prompt and answer): rebuild it with `regate score`"
                 )
             raise CorruptCacheError(f"{path} is not a {FORMAT} v{VERSION} cache (found {found[0]!r} v{found[1]!r})")
         try:
@@ -359,13 +270,13 @@ class RefCacheWriter:
 
     def write_shard(self, shard: Shard, per_sample: Sequence[Any], digests: Sequence[int] | None = None) -> None:
         """Store one shard: ``per_sample[i]`` holds the reference losses of sample ``shard.start + i``
-        and ``digests[i]`` its ``target_digests`` value (required exactly when ``records_digests``)."""
+        and ``digests[i]`` its ``identity.sample_digests`` value (required exactly when ``records_digests``)."""
         n = shard.stop - shard.start
         if len(per_sample) != n:
             raise ValueError(f"shard {shard.shard_id} covers {n} samples, got {len(per_sample)}")
         if (digests is not None) != self.records_digests:
             raise ValueError(
-                "pass each sample's target digest: the fingerprint has a samples field" if self.records_digests
+                "pass each sample's digest: the fingerprint has a samples field" if self.records_digests
                 else "this cache records no digests (its fingerprint's samples field is empty): pass none"
             )
         digest_bytes = b""
@@ -476,7 +387,7 @@ def write_cache(
     digests: Sequence[int] | None = None,
 ) -> RefCache:
     """Write a whole cache from in-memory per-sample losses (tests, small datasets); ``digests``
-    (each sample's ``target_digests`` value) exactly when ``fingerprint.samples`` is set."""
+    (each sample's ``identity.sample_digests`` value) exactly when ``fingerprint.samples`` is set."""
     writer = RefCacheWriter(path, fingerprint, len(per_sample), shard_size)
     for shard in writer.pending():
         part = None if digests is None else digests[shard.start : shard.stop]

@@ -1,4 +1,5 @@
-"""`regate report`: what a run trained on, from the Trainer's own log history."""
+"""`regate report`: what a run trained on, from the Trainer's own log history, beside what
+``regate estimate --json RUN_DIR/regate_estimate.json`` predicted before training, when it was saved."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 STATE_NAME = "trainer_state.json"
+ESTIMATE_NAME = "regate_estimate.json"  # where `regate estimate --json` saves an estimate beside a run
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,7 @@ class RunLog:
     supervised_kept: list[int]
     llm_tokens: list[int]
     padded_tokens: list[int]
+    estimate: dict[str, Any] | None = None  # the saved ``regate estimate`` document, if any
 
 
 def find_state(run_dir: Path) -> Path:
@@ -42,6 +45,7 @@ def find_state(run_dir: Path) -> Path:
 
 
 def read_run(run_dir: Path) -> RunLog:
+    run_dir = Path(run_dir)
     history: list[dict[str, Any]] = json.loads(find_state(run_dir).read_text())["log_history"]
     entries = [e for e in history if "regate/supervised_total" in e]
     if not entries:
@@ -61,13 +65,14 @@ def read_run(run_dir: Path) -> RunLog:
         supervised_kept=column("regate/supervised_kept"),
         llm_tokens=column("regate/llm_tokens"),
         padded_tokens=column("regate/padded_tokens"),
+        estimate=json.loads((run_dir / ESTIMATE_NAME).read_text()) if (run_dir / ESTIMATE_NAME).is_file() else None,
     )
 
 
 def summary(run: RunLog) -> dict[str, Any]:
     kept, total = sum(run.supervised_kept), sum(run.supervised_total)
     llm, padded = sum(run.llm_tokens), sum(run.padded_tokens)
-    return {
+    facts = {
         "steps": run.steps[-1],
         "first_loss": run.loss[0],
         "last_loss": run.loss[-1],
@@ -78,19 +83,49 @@ def summary(run: RunLog) -> dict[str, Any]:
         "padded_tokens": padded,
         "llm_share": llm / padded if padded else 1.0,
     }
+    if run.estimate is not None:
+        facts["estimate"] = estimated(run.estimate, packing_only=all(r == 1.0 for r in run.keep_ratio))
+    return facts
+
+
+def estimated(report: dict[str, Any], packing_only: bool) -> dict[str, Any]:
+    """The saved estimate's figures for the mode the run trained in (packed dense when every logged
+    keep ratio is 1.0, else ReGATE), to set beside the achieved ones."""
+    mode = "packed-dense" if packing_only else "regate"
+    figures = report["modes"][mode]
+    return {
+        "mode": mode,
+        "steps": report["steps"],
+        "supervised_share": figures["supervised_share"],
+        "llm_share": figures["llm_token_share"],
+        "flops_share": figures["flops_share"],
+        "ideal_speedup": figures["ideal_speedup"],
+        "setup": {"batch_size": report["batch_size"], "sampler": report["sampler"], "model": report["model"]["name"]},
+    }
 
 
 def format_summary(facts: dict[str, Any]) -> str:
-    return "\n".join(
-        [
-            f"steps                 {facts['steps']}",
-            f"loss                  {facts['first_loss']:.4f} (first logged) -> {facts['last_loss']:.4f} (last)",
-            f"supervised tokens     {facts['supervised_kept']:,} trained of {facts['supervised_total']:,} "
-            f"dense ({facts['supervised_share']:.1%})",
-            f"LLM tokens            {facts['llm_tokens']:,} processed vs {facts['padded_tokens']:,} in padded "
-            f"batches ({facts['llm_share']:.1%})",
-        ]
-    )
+    guess = facts.get("estimate")
+
+    def beside(key: str) -> str:
+        return "" if guess is None else f"; estimated {guess[key]:.1%}"
+
+    lines = [
+        f"steps                 {facts['steps']}",
+        f"loss                  {facts['first_loss']:.4f} (first logged) -> {facts['last_loss']:.4f} (last)",
+        f"supervised tokens     {facts['supervised_kept']:,} trained of {facts['supervised_total']:,} "
+        f"dense ({facts['supervised_share']:.1%}{beside('supervised_share')})",
+        f"LLM tokens            {facts['llm_tokens']:,} processed vs {facts['padded_tokens']:,} in padded "
+        f"batches ({facts['llm_share']:.1%}{beside('llm_share')})",
+    ]
+    if guess is not None:
+        inputs = guess["setup"]
+        lines.append(
+            f"estimate ({ESTIMATE_NAME}, {guess['mode']}, {guess['steps']} steps, batch {inputs['batch_size']}, "
+            f"{inputs['sampler']} batches, {inputs['model']}): {guess['flops_share']:.1%} of padded dense's LLM FLOPs, "
+            f"ideal speedup {guess['ideal_speedup']:.2f}x"
+        )
+    return "\n".join(lines)
 
 
 def plot(run: RunLog, path: Path) -> Path:

@@ -1,14 +1,17 @@
 """The teacher pass: reference losses of every supervised unit, written to a cache once per dataset.
 
 The teacher is the student's own language model before multimodal training, frozen and text-only.
-A target supplies a ``ScoringSource`` whose ``text_only(i)`` is sample ``i`` exactly as the student's
+A target supplies a ``ScoringSource`` whose ``context(i)`` is sample ``i`` exactly as the student's
 language model will see it after the multimodal merge (same length, positions, truncation and chat
-template) with every visual token replaced by the pad token; the target builds it with its own
-preprocessing code, so the alignment holds by construction.
+template) with every visual position holding ``identity.VISUAL_MARKER``; the target builds it with
+its own preprocessing code, so the alignment holds by construction. The teacher reads it with the
+pad token at the visual positions (``text_only(i)``); the cache records each sample's digest of its
+context and targets (``identity.sample_digests``), which training recomputes per micro-batch.
 """
 
 from __future__ import annotations
 
+import abc
 import functools
 import os
 import time
@@ -20,20 +23,19 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .loss import kept_token_loss
-from .refcache import (
+from .identity import (
+    VISUAL_MARKER,
     CacheMismatchError,
     CorruptCacheError,
     Fingerprint,
-    RefCache,
     RefCacheError,
-    RefCacheWriter,
     SampleDigests,
-    Shard,
+    sample_digests,
     sha256_json,
-    target_digests,
-    to_fp16_losses,
 )
+from .loss import kept_token_loss
+from .once import computed_once
+from .refcache import RefCache, RefCacheWriter, Shard, to_fp16_losses
 from .teacher import teacher_fingerprint
 from .units import IGNORE_INDEX, find_units
 
@@ -42,14 +44,20 @@ class ScoringSource(Protocol):
     """What a target provides for the teacher pass."""
 
     fingerprint: Fingerprint  # samples included: computing it scans the whole dataset
-    samples: SampleDigests  # every sample's unit count and target digest
+    samples: SampleDigests  # every sample's unit count and digest (context and targets)
     pad_token_id: int
     tokenizer_fingerprint: str  # the student's, checked against the teacher's before any compute
 
     def __len__(self) -> int: ...
 
+    def context(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context ids, labels) of sample ``index`` as the student's LLM sees them, visual positions
+        holding ``VISUAL_MARKER``: what the sample's digest covers."""
+        ...
+
     def text_only(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, labels) of sample ``index`` as the student's LLM sees them, visual tokens -> pad."""
+        """(input_ids, labels) of sample ``index`` as the teacher reads them: ``context`` with the
+        visual positions -> pad."""
         ...
 
     def decode(self, token_ids: list[int]) -> str:
@@ -91,43 +99,60 @@ def dataset_probe(text_only, num_samples: int, probes: int = 64) -> str:
     return sha256_json([[t.tolist() for t in text_only(i)] for i in picks])[:16]
 
 
-def sample_digest(labels: torch.Tensor) -> int:
-    """``target_digests`` of one sample's 1-D labels."""
-    return int(target_digests(labels[None], find_units(labels[None]))[0])
+def sample_digest(context_ids: torch.Tensor, labels: torch.Tensor) -> int:
+    """``identity.sample_digests`` of one sample's 1-D context ids and labels (no padding)."""
+    return int(sample_digests(context_ids[None], labels[None], find_units(labels[None]))[0])
 
 
-def scan_samples(text_only: Callable[[int], tuple[torch.Tensor, torch.Tensor]], num_samples: int) -> SampleDigests:
-    """Unit count and target digest of every sample: a tokenization pass, no teacher."""
+def unmark_visual(context_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """The teacher's input ids from context ids: the pad token at every visual position."""
+    return context_ids.masked_fill(context_ids == VISUAL_MARKER, pad_token_id)
+
+
+def scan_samples(context: Callable[[int], tuple[torch.Tensor, torch.Tensor]], num_samples: int) -> SampleDigests:
+    """Unit count and digest (context and targets) of every sample: a tokenization pass, no teacher."""
     counts = np.zeros(num_samples, dtype=np.int64)
     digests = np.zeros(num_samples, dtype=np.uint64)
-    quiet = os.environ.get("RANK", "0") != "0"  # one bar under torchrun; tqdm shows it on a terminal only
+    quiet = os.environ.get("LOCAL_RANK", "0") != "0"  # one bar per node under torchrun; on a terminal only
     for i in tqdm(range(num_samples), desc="checking samples", unit="sample", disable=True if quiet else None):
-        labels = text_only(i)[1]
+        ids, labels = context(i)
         units = find_units(labels[None])
-        counts[i], digests[i] = int(units.counts[0]), target_digests(labels[None], units)[0]
+        counts[i], digests[i] = int(units.counts[0]), sample_digests(ids[None], labels[None], units)[0]
     return SampleDigests(counts, digests)
 
 
-class FingerprintedSource:
+class FingerprintedSource(abc.ABC):
     """What every target's ScoringSource shares: the full-dataset scan and the fingerprint covering
     it, both computed on first use, so a training run that checks only ``fields`` never pays for them.
+    Under torchrun each is computed once per node and shared (``once.computed_once``): every rank
+    must ask for it, in the same order.
 
     A subclass sets ``fields`` (dataset, tokenizer, visual_tokens, max_length: what training checks
-    when it starts) and ``teacher`` (the --teacher argument; "" where no teacher is involved), and
-    defines ``text_only`` and ``__len__``.
+    when it starts), ``teacher`` (the --teacher argument; "" where no teacher is involved) and
+    ``pad_token_id``, and defines ``context`` and ``__len__``.
     """
 
     fields: dict[str, Any]
     teacher: str
+    pad_token_id: int
+
+    @abc.abstractmethod
+    def context(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context ids, labels) of sample ``index``: ``ScoringSource.context``."""
+
+    def text_only(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, labels = self.context(index)
+        return unmark_visual(ids, self.pad_token_id), labels
 
     @functools.cached_property
     def samples(self) -> SampleDigests:
-        return scan_samples(self.text_only, len(self))
+        return computed_once(lambda: scan_samples(self.context, len(self)))
 
     @functools.cached_property
     def fingerprint(self) -> Fingerprint:
-        teacher = teacher_fingerprint(self.teacher) if self.teacher else ""
-        return Fingerprint(**self.fields, teacher=teacher, samples=self.samples.fingerprint)
+        samples = self.samples.fingerprint
+        teacher = computed_once(lambda: teacher_fingerprint(self.teacher)) if self.teacher else ""
+        return Fingerprint(**self.fields, teacher=teacher, samples=samples)
 
     def expected(self) -> dict[str, Any]:
         """The fingerprint fields a training run checks when it starts, cheaply: all but the teacher
@@ -162,7 +187,7 @@ def teacher_unit_losses(
 def _shard_batches(source: ScoringSource, shard: Shard, batch_size: int):
     """A shard's samples in batches of similar length (less padding), in a fixed order: the same
     shard always gives the same batches, whichever rank scores it, so the bytes match."""
-    items = {i: source.text_only(i) for i in range(shard.start, shard.stop)}
+    items = {i: source.context(i) for i in range(shard.start, shard.stop)}
     order = sorted(items, key=lambda i: (items[i][0].numel(), i))
     for k in range(0, len(order), batch_size):
         batch = order[k : k + batch_size]
@@ -194,9 +219,10 @@ def score_dataset(
     for shard in pending:
         losses: dict[int, torch.Tensor] = {}
         digests: dict[int, int] = {}
-        for batch, samples in _shard_batches(source, shard, batch_size):
+        for batch, contexts in _shard_batches(source, shard, batch_size):
+            samples = [(unmark_visual(ids, source.pad_token_id), labels) for ids, labels in contexts]
             losses.update(zip(batch, teacher_unit_losses(teacher, samples, source.pad_token_id)))
-            digests.update((i, sample_digest(labels)) for i, (_, labels) in zip(batch, samples))
+            digests.update((i, sample_digest(ids, labels)) for i, (ids, labels) in zip(batch, contexts))
             tokens += sum(ids.numel() for ids, _ in samples)
             bar.update(len(batch))
             bar.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - start):,.0f}", refresh=False)
@@ -215,8 +241,8 @@ def _check_stable(scan: SampleDigests, digests: dict[int, int]) -> None:
     for index, digest in digests.items():
         if digest != int(scan.digests[index]):
             raise RefCacheError(
-                f"sample {index} gave other supervised tokens in the teacher pass than in the scan before it: the "
-                "dataset must return the same tokens every time a sample is read (no random text augmentation)"
+                f"sample {index} gave other tokens in the teacher pass than in the scan before it: the dataset "
+                "must return the same tokens every time a sample is read (no random text augmentation)"
             )
 
 
@@ -272,7 +298,7 @@ class OnlineRefCache:
 
     For data that changes too often to precompute. Costs: the teacher's weights stay on the device
     (as large as the student's language model: ~14 GB in bf16 for 7B, per rank), one no-grad
-    teacher forward per new sample, and 2 bytes per unit on the host. Unit counts and target
+    teacher forward per new sample, and 2 bytes per unit on the host. Unit counts and sample
     digests come from the source's tokenization pass over the text-only samples when it is built,
     so the engine checks every micro-batch against them as it does for a cache on disk. Drop-in
     for ``RefCache`` in ``ReGATEEngine``, which shares newly computed losses across ranks at each

@@ -1,16 +1,20 @@
 """Which teacher `regate score` loads, and its fingerprint by content.
 
 A local folder is fingerprinted by the SHA-256 of its weight files and config.json: a retrained
-teacher of the same shape gives another fingerprint. Hashing 15 GB takes a while, so each file's
-digest is remembered in a small on-disk memo keyed by (resolved path, size, mtime_ns): the memo's
-contract is that of ``make`` and ``rsync``'s quick check, a file whose path, size and modification
-time are unchanged is taken to be unchanged. The memo lives in ``$REGATE_CACHE_HOME`` (default
+teacher of the same shape gives another fingerprint. A Trainer checkpoint folder's optimizer,
+scheduler, scaler and RNG states and its training arguments are not weights and not part of it.
+Hashing 15 GB takes a while, so each file's digest is remembered in a small on-disk memo keyed by
+(resolved path, size, mtime_ns, inode, device, ctime_ns): a file is taken to be unchanged only when
+it is the same file on disk, untouched since it was hashed. A copy over the old folder that keeps
+modification times (``cp -p``, ``rsync -a``, ``tar x``) writes data or a new inode, and either sets
+the ctime, which no user call can put back. The memo lives in ``$REGATE_CACHE_HOME`` (default
 ``$XDG_CACHE_HOME/regate``, else ``~/.cache/regate``). A hub id (``org/name``) is fingerprinted by
 the commit of its snapshot in the local Hugging Face cache, read offline.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -19,9 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_atomic
-from .refcache import sha256_file, sha256_json
+from .identity import sha256_file, sha256_json
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+# What a Trainer / DeepSpeed checkpoint folder holds besides the weights with a weight suffix: training
+# state, not the model (its rng_state*.pth files have no weight suffix).
+TRAINING_STATE_FILES = ("optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "rng_state*.pt",
+                        "training_args.bin", "*optim_states.pt")
 MEMO_FILE = "file-digests.json"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
@@ -96,18 +104,26 @@ def teacher_fingerprint(teacher: str) -> str:
 
 
 def file_digest(path: Path, memo: dict[str, Any]) -> str:
-    """SHA-256 of a file, from the memo when its (resolved path, size, mtime_ns) are unchanged;
-    a newly computed digest is written back to the memo (and its file, at once: a killed run keeps it)."""
+    """SHA-256 of a file, from the memo when its ``_identity`` (path, size, mtime, inode, device,
+    ctime) is unchanged; a newly computed digest is written back to the memo (and its file, at
+    once: a killed run keeps it)."""
     resolved = path.resolve()
-    stat = resolved.stat()
+    identity = _identity(resolved.stat())
     key = str(resolved)
     known = memo.get(key)
-    if isinstance(known, dict) and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns:
+    if isinstance(known, dict) and {k: known.get(k) for k in identity} == identity:
         return str(known["sha256"])
     digest = sha256_file(resolved)
-    memo[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    memo[key] = {**identity, "sha256": digest}
     _save_memo(memo)
     return digest
+
+
+def _identity(stat: os.stat_result) -> dict[str, int]:
+    """What the memo compares besides the path: the same inode on the same device, untouched
+    (ctime moves on every write, rename onto it or utime, and cannot be set back)."""
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino, "device": stat.st_dev,
+            "ctime_ns": stat.st_ctime_ns}
 
 
 def _memo_path() -> Path:
@@ -118,7 +134,11 @@ def _memo_path() -> Path:
 
 
 def _weight_files(folder: Path) -> list[Path]:
-    return [p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file()]
+    """The folder's weight files: its ``WEIGHT_SUFFIXES`` files less a checkpoint's training state."""
+    return [
+        p for p in folder.iterdir()
+        if p.suffix in WEIGHT_SUFFIXES and p.is_file() and not any(fnmatch.fnmatch(p.name, n) for n in TRAINING_STATE_FILES)
+    ]
 
 
 def _load_memo() -> dict[str, Any]:

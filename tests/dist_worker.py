@@ -18,25 +18,30 @@ from regate_plugin import ReGATEConfig, ReGATEEngine, RefCache
 from regate_plugin.collectives import close_process_group
 from regate_plugin.patches import hf
 from regate_plugin.trainer import IndexedCollator, IndexedDataset, attach
+from regate_plugin.words import WordProgress
 from tiny_hf import collate, tiny_model, tiny_samples
 
-# the learnable score keeps the word table, so every rank's copy is checked too (in 8 steps no word
-# is known yet: the paper's selections)
+# the learnable score keeps the word table, so every rank's copy is checked too
 CONFIG = ReGATEConfig(warmup=2, cycle=4, dense_steps=1, keep_ratio=0.5, score="learnable")
+# observations a word's progress averages over: short, so that within 8 steps words are known (the
+# answers' eos above all) and the table changes selections
+WORD_WINDOW = 4
 
 
 class RecordingEngine(ReGATEEngine):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.selections, self.digests = [], []
+        if self.words is not None:
+            self.words = WordProgress(beta=1.0 - 1.0 / WORD_WINDOW)
 
-    def plan(self, labels, attention_mask, sample_ids, position_ids=None):
-        plan = super().plan(labels, attention_mask, sample_ids, position_ids)
+    def plan(self, *args, **kwargs):
+        plan = super().plan(*args, **kwargs)
         self.selections.append([self.step, plan.sample_ids.tolist(), plan.unit_keep.tolist()])
         return plan
 
-    def end_step(self, group=None):
-        stats = super().end_step(group)
+    def end_step(self, group=None, **guard):
+        stats = super().end_step(group, **guard)
         words = () if self.words is None else (self.words.student, self.words.teacher, self.words.count)
         tables = (self.ema.values, *words)
         self.digests.append([stats.step, hashlib.sha256(b"".join(t.numpy().tobytes() for t in tables)).hexdigest()])
@@ -79,13 +84,14 @@ def main() -> None:
     parser.add_argument("--resume")
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--loss-chunk-rows", type=int, default=4096)
+    parser.add_argument("--score", default=CONFIG.score)
     args = parser.parse_args()
     rank = int(os.environ.get("RANK", "0"))
 
     model = tiny_model("llava", seed=0)
     if args.resume and not args.deepspeed:
         model = type(model).from_pretrained(args.resume, attn_implementation="sdpa").train()  # see test_hf_trainer
-    engine = RecordingEngine(CONFIG.replace(loss_chunk_rows=args.loss_chunk_rows), RefCache.open(args.cache))
+    engine = RecordingEngine(CONFIG.replace(loss_chunk_rows=args.loss_chunk_rows, score=args.score), RefCache.open(args.cache))
     hf.enable(model, engine)
     training = transformers.TrainingArguments(
         output_dir=str(args.out / "run"), max_steps=args.steps, per_device_train_batch_size=args.batch,

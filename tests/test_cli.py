@@ -272,3 +272,69 @@ def test_readme_inspect_example_shows_the_image_words_first(tmp_path):
     tokens = [re.findall(r"-> '([^']*)'$", part, re.M) for part in (most, least)]
     assert len(tokens[0]) == len(tokens[1]) > 0
     assert set(tokens[0]) <= set(image_words) and not set(tokens[1]) & set(image_words)
+
+
+# --- regate targets fits 100 columns; dry runs say what is missing and which attention runs -------------
+
+
+def test_targets_fit_100_columns_and_mark_refused_classes():
+    from regate_plugin.patches import hf
+    from regate_plugin.patches.hf_models import ADAPTERS
+
+    result = CliRunner().invoke(cli.main, ["targets"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= 100, max(lines, key=len)
+    for adapter in ADAPTERS:
+        row = next(line for line in lines if line.split()[:1] == [adapter.cls])
+        status = row.split()[2]
+        assert status == ("trains" if adapter.cls in hf.SUPPORTED else "refused"), row
+    assert next(line for line in lines if "Gemma3ForConditionalGeneration" in line).split()[2] == "refused"
+    assert sum(line.split()[2:3] == ["trains"] for line in lines) == len(hf.SUPPORTED) >= 10
+
+
+class UninstalledTarget:
+    @hookimpl
+    def regate_targets(self):
+        return [Target("fake", "a launched codebase", requirement=lambda: "fake is not installed: pip install fake",
+                       apply=lambda config, cache: None, launch=lambda args, attn: pytest.fail("launched"))]
+
+
+def dry_run(monkeypatch, *args, env=None):
+    pm = build_plugin_manager(load_entrypoints=False)
+    pm.register(UninstalledTarget())
+    monkeypatch.setattr(plugins, "plugin_manager", lambda: pm)
+    result = CliRunner().invoke(cli.main, ["train", "--target", "fake", "--dry-run", *args], env=env)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout), result.stderr
+
+
+def test_dry_run_says_the_target_is_not_installed_and_which_attention_runs(monkeypatch):
+    import importlib.util
+
+    monkeypatch.delenv("REGATE_ATTN_BACKEND", raising=False)
+    resolved, stderr = dry_run(monkeypatch, "--packing-only")
+    assert resolved["target_installed"] == "no: fake is not installed: pip install fake"
+    assert stderr == "note: the fake target is not installed here (fake is not installed: pip install fake); the real run would stop\n"
+    default = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+    assert resolved["attn_implementation"] == default != "default"
+    if not torch.cuda.is_available():
+        assert resolved["packed_attention"].startswith("auto: sdpa here (no CUDA device)")
+    resolved, _ = dry_run(monkeypatch, "--packing-only", "--attn-implementation", "eager", "--attn-backend", "sdpa")
+    assert resolved["attn_implementation"] == "eager" and resolved["packed_attention"] == "sdpa (from --attn-backend)"
+    resolved, _ = dry_run(monkeypatch, "--packing-only", env={"REGATE_ATTN_BACKEND": "sdpa"})
+    assert resolved["packed_attention"] == "sdpa (from $REGATE_ATTN_BACKEND)"
+    if not torch.cuda.is_available():
+        resolved, _ = dry_run(monkeypatch, "--packing-only", "--attn-backend", "flash")
+        assert resolved["packed_attention"] == ("flash (from --attn-backend); cannot run here: the flash backend needs "
+                                                "a CUDA device, the tensors are on cpu: use sdpa")
+    resolved, _ = dry_run(monkeypatch, "--no-regate")
+    assert resolved["packed_attention"] is None and resolved["mode"] == "upstream (no ReGATE)"
+    assert cli.upstream_attention("llamafactory", None) == "flash_attn from the YAML (LLaMA-Factory's own setting)"
+    assert cli.upstream_attention("llamafactory", "sdpa") == "refused: set flash_attn in the YAML"
+
+
+def test_hf_train_names_the_page_to_read():
+    result = CliRunner().invoke(cli.main, ["train", "--target", "hf", "--packing-only"])
+    assert result.exit_code == 1
+    assert "enabled from your own script (hf.enable and attach), not launched: see docs/targets/hf.md" in result.output

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,6 +156,7 @@ def test_short_demo_writes_what_it_promises(short_demo):
     output, result, out, _ = short_demo
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "held-out image-word accuracy" in output and "acceptance:" in output
+    assert (out / "report.txt").read_text().strip() in output and f"results in {out}/" in output
     schedule = result["schedule"]
     assert schedule["steps"] == STEPS and schedule["scaled_from"]["steps"] == 5000
     assert f"scaled to {STEPS} steps: warmup {schedule['warmup']}, cycle {schedule['cycle']}" in output
@@ -327,3 +329,72 @@ def test_sweep_through_the_cli_writes_the_schema_and_resumes(tmp_path, monkeypat
     assert json.loads((tmp_path / "frontier.json").read_text())["runs"] == saved["runs"]
     other = CliRunner().invoke(main, [*args[:-3], "--steps", "12", "--out", str(tmp_path), "--no-progress"])
     assert other.exit_code == 2 and "other settings" in other.output
+
+
+# --- what the demo leaves behind: a folder with the picture, the JSON and the text report --------------
+
+RECORDED = Path(__file__).parents[1] / "benchmarks" / "results" / "demo" / "seed0" / "demo.json"
+
+
+def test_demo_writes_picture_json_and_report_into_a_folder_it_names(tmp_path, monkeypatch):
+    recorded = json.loads(RECORDED.read_text())
+    monkeypatch.setattr(demo, "run_demo", lambda steps, seed, progress, echo, work: recorded)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["demo", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("results in regate-demo-") and last.endswith("demo.png (the picture), demo.json, report.txt")
+    folder = tmp_path / last.removeprefix("results in ").split("/:")[0]
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]
+    assert (folder / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((folder / "demo.json").read_text()) == recorded
+    report = (folder / "report.txt").read_text()
+    assert report == demo.format_table(recorded) + "\n" and report.strip() in result.output
+    assert "58.7%" in report and "[FAIL]" not in report
+
+
+def test_demo_out_still_chooses_the_folder(tmp_path, monkeypatch):
+    recorded = json.loads(RECORDED.read_text())
+    monkeypatch.setattr(demo, "run_demo", lambda steps, seed, progress, echo, work: recorded)
+    result = CliRunner().invoke(main, ["demo", "--no-progress", "--out", str(tmp_path / "mine")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["demo.json", "demo.png", "report.txt"]
+    assert f"results in {tmp_path / 'mine'}/" in result.output
+
+
+def _captured_figure(monkeypatch, result, path):
+    from matplotlib.figure import Figure
+
+    figures = []
+    original = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figures.append(self), original(self, *a, **k))[1])
+    demo.plot(result, path)
+    assert len(figures) == 1
+    return figures[0]
+
+
+def test_picture_states_token_share_and_acceptance_with_thousands_separators(tmp_path, monkeypatch):
+    recorded = json.loads(RECORDED.read_text())
+    share = recorded["runs"]["regate"]["supervised_tokens"] / recorded["runs"]["dense"]["supervised_tokens"]
+    figure = _captured_figure(monkeypatch, recorded, tmp_path / "a.png")
+    title = figure._suptitle.get_text()
+    assert f"ReGATE trained on {share:.1%} of dense's supervised tokens" in title and f"{share:.1%}" == "58.7%"
+    assert "acceptance passed: tokens <= 62% of dense [ok], final accuracy >= dense - 1 point [ok]" in title
+    tokens_axis, seconds_axis = figure.axes
+    assert tokens_axis.xaxis.get_major_formatter()(224030, 0) == "224,030"
+    assert seconds_axis.xaxis.get_major_formatter()(1250, 0) == "1,250"
+    failed = {**recorded, "comparison": {**recorded["comparison"], "accept_curve": False}}
+    title = _captured_figure(monkeypatch, failed, tmp_path / "b.png")._suptitle.get_text()
+    assert "acceptance FAILED" in title and "curve at or above dense's [FAIL]" in title
+
+
+def test_a_short_run_says_why_its_acceptance_fails():
+    from regate_plugin.demo.command import text_report
+
+    recorded = json.loads(RECORDED.read_text())
+    assert text_report(recorded) == demo.format_table(recorded)
+    short = {**recorded, "steps": 40, "comparison": {**recorded["comparison"], "accept_accuracy": False}}
+    report = text_report(short)
+    assert "[FAIL]" in report
+    assert report.endswith("(the acceptance is set for the default 1,600 steps: a 40-step run ends before dense has "
+                           "learned every kind of image word, so FAIL is expected here)")

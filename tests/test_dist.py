@@ -16,7 +16,7 @@ import torch
 from regate_plugin.refcache import Fingerprint, write_cache
 from regate_plugin.units import find_units
 from dist_worker import by_step
-from tiny_hf import tiny_samples
+from tiny_hf import EOS_ID, collate, tiny_model, tiny_samples
 
 TESTS = Path(__file__).parent
 WORKER = TESTS / "dist_worker.py"
@@ -27,10 +27,20 @@ ZERO = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "g
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
+    """Random reference losses, but on the answers' eos the untrained student's own: the student
+    predicts it exactly as badly as the 'teacher', which the learnable score discounts."""
     gen = torch.Generator().manual_seed(0)
-    counts = [int(find_units(s["labels"][None]).counts[0]) for s in tiny_samples("llava", 16, seed=3)]
+    student, losses = tiny_model("llava", seed=0), []
+    for sample in tiny_samples("llava", 16, seed=3):
+        batch = collate("llava", [sample])
+        units = find_units(batch["labels"])
+        targets = batch["labels"][0, units.col + 1]
+        with torch.no_grad():
+            logits = student(**{k: v for k, v in batch.items() if k != "labels"}).logits[0, units.col]
+        own = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        losses.append(torch.where(targets == EOS_ID, own, torch.rand(len(targets), generator=gen) * 5))
     path = tmp_path_factory.mktemp("cache") / "cache"
-    write_cache(path, Fingerprint("tiny16", "t", "m", "16", 64), [torch.rand(n, generator=gen) * 5 for n in counts])
+    write_cache(path, Fingerprint("tiny16", "t", "m", "16", 64), losses)
     return path
 
 
@@ -61,6 +71,11 @@ def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, cache, two_ranks):
     assert by_step(single) == by_step(records)  # same samples, same kept units, every step
     torch.testing.assert_close(torch.load(tmp_path / "one" / "ema0.pt"), torch.load(out / "ema0.pt"), atol=1e-5, rtol=0)
     assert torch.equal(torch.load(out / "ema0.pt"), torch.load(out / "ema1.pt"))
+    # the word table decided: the paper's score keeps other units on the sparse steps (3-5, 7)
+    paper = by_step(launch(tmp_path / "paper", cache, "--accumulation", "2", "--score", "paper", ranks=1))
+    learnable = by_step(single)
+    changed = [step for step in learnable if learnable[step] != paper[step]]
+    assert changed == [3, 4, 5, 7]
 
 
 def zero_config(tmp_path, stage):

@@ -256,29 +256,54 @@ def test_engine_state_round_trip(cache):
     assert restored.step == 1 and torch.equal(restored.ema.values, engine.ema.values)
 
 
-def test_engine_loss_normalisation_matches_dense_sum_over_num_items(cache):
+def transformers_loss(model, tokens, labels, mask, keep_mask, num_items_in_batch=None):
+    """transformers' own ``ForCausalLMLoss`` (what a model's loss is inside the Trainer) over each
+    sample with its elided positions deleted (original positions kept): the logits of the kept
+    positions, each labelled with its own next-token target."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    logits, targets = [], []
+    for b in range(tokens.shape[0]):
+        cols = keep_mask[b].nonzero().flatten()
+        logits.append(model.head(model.hidden_dense(tokens[b, cols], cols)))
+        following = torch.full_like(cols, IGNORE_INDEX)
+        for i, j in enumerate(cols.tolist()):
+            if j + 1 < tokens.shape[1] and mask[b, j + 1]:
+                following[i] = labels[b, j + 1]
+        targets.append(following)
+    return ForCausalLMLoss(torch.nn.utils.rnn.pad_sequence(logits, batch_first=True), None, VOCAB,
+                           num_items_in_batch=num_items_in_batch,
+                           shift_labels=torch.nn.utils.rnn.pad_sequence(targets, batch_first=True, padding_value=IGNORE_INDEX))
+
+
+def test_engine_loss_normalisation_matches_transformers_loss(cache):
+    """The Trainer passes num_items_in_batch (the supervised tokens of all accumulated micro-batches):
+    a model's loss is then the sum over this micro-batch divided by it, else the mean; a sparse
+    micro-batch's kept tokens stand for all of its units."""
     tokens, labels, mask = toy_batch()
     model = ToyLM()
+    n_units = sum(unit_counts(labels, mask))
+    num_items = torch.tensor(2 * n_units)  # two accumulated micro-batches, as the Trainer counts them
     dense = ReGATEEngine(ReGATEConfig(), cache)  # warmup: dense
     plan = dense.plan(labels, mask, SAMPLE_IDS)
     hidden = model.hidden_packed(tokens, plan.packed)
-    n_units = sum(unit_counts(labels, mask))
-    mean = dense.loss(plan, hidden, model.head)
-    # The Trainer's count over two accumulated micro-batches: the loss becomes sum / num_items.
-    scaled = dense.loss(plan, hidden, model.head, num_items_in_batch=2 * n_units)
-    assert scaled.item() == pytest.approx(mean.item() * n_units / (2 * n_units))
+    whole = mask.bool()
+    assert dense.loss(plan, hidden, model.head).item() == pytest.approx(
+        transformers_loss(model, tokens, labels, mask, whole).item(), abs=1e-5)
+    assert dense.loss(plan, hidden, model.head, num_items_in_batch=num_items).item() == pytest.approx(
+        transformers_loss(model, tokens, labels, mask, whole, num_items).item(), abs=1e-5)
 
     sparse = ReGATEEngine(ReGATEConfig(warmup=0, dense_steps=0), cache)
     plan = sparse.plan(labels, mask, SAMPLE_IDS)
     hidden = model.hidden_packed(tokens, plan.packed)
-    kept_mean = sparse.loss(plan, hidden, model.head)
     n_kept = int(plan.unit_keep.sum())
     assert n_kept < n_units
-    ref = reference_loss(model, tokens, labels, mask, plan.keep_mask)
-    assert kept_mean.item() == pytest.approx(ref.item(), abs=1e-5)  # mean over kept units
-    # With num_items: this micro-batch weighs in by its share of the dense tokens.
-    weighted = sparse.loss(plan, hidden, model.head, num_items_in_batch=2 * n_units)
-    assert weighted.item() == pytest.approx(ref.item() / 2, abs=1e-5)
+    assert sparse.loss(plan, hidden, model.head).item() == pytest.approx(
+        transformers_loss(model, tokens, labels, mask, plan.keep_mask).item(), abs=1e-5)
+    # the kept tokens stand for all of the micro-batch's units: it weighs in by its dense share
+    weighted = sparse.loss(plan, hidden, model.head, num_items_in_batch=num_items)
+    assert weighted.item() == pytest.approx(
+        transformers_loss(model, tokens, labels, mask, plan.keep_mask, num_items).item() * n_units / n_kept, abs=1e-5)
 
 
 def test_packing_only_engine_keeps_everything_without_cache():
@@ -296,13 +321,15 @@ def test_packing_only_engine_keeps_everything_without_cache():
     assert engine.state_dict()["ema"] is None
 
 
-def independent_digest(labels_row, mask_row) -> int:
-    """BLAKE2b-64 of the row's targets labels[j + 1] where j and j + 1 are real and the label is set."""
+def independent_digest(tokens_row, labels_row, mask_row) -> int:
+    """BLAKE2b-64 of: the number n of real tokens, the n real context ids, then the row's targets
+    labels[j + 1] where j and j + 1 are real and the label is set (all int64, little-endian)."""
     import hashlib
 
+    context = [int(t) for t, real in zip(tokens_row, mask_row) if real]
     targets = [int(labels_row[j + 1]) for j in range(len(labels_row) - 1)
                if mask_row[j] and mask_row[j + 1] and labels_row[j + 1] != IGNORE_INDEX]
-    data = b"".join(t.to_bytes(8, "little", signed=True) for t in targets)
+    data = b"".join(t.to_bytes(8, "little", signed=True) for t in [len(context), *context, *targets])
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
@@ -313,46 +340,85 @@ def digest_cache(tmp_path):
 
     import numpy as np
 
-    from regate_plugin.refcache import samples_fingerprint
+    from regate_plugin.identity import samples_fingerprint
 
     tokens, labels, mask = toy_batch()
     counts = unit_counts(labels, mask)
-    rows = [independent_digest(labels[b], mask[b]) for b in range(3)]
+    rows = [independent_digest(tokens[b], labels[b], mask[b]) for b in range(3)]
     digests = [rows[1], 11, rows[2], 12, rows[0]]
     per_sample = [torch.rand(counts[1]), torch.rand(3), torch.rand(counts[2]), torch.rand(1), torch.rand(counts[0])]
     fingerprint = dataclasses.replace(FP, samples=samples_fingerprint(np.array(digests, dtype=np.uint64)))
     return write_cache(tmp_path / "digests", fingerprint, per_sample, digests=digests)
 
 
+SAME_COUNT = (r"as many supervised tokens as the reference cache \(\d+\) but other token ids in its prompt or answer "
+              r"\(tokens changed\) in this micro-batch")
+
+
 def test_engine_refuses_a_sample_whose_targets_changed_at_the_same_count(digest_cache):
     tokens, labels, mask = toy_batch()
     engine = ReGATEEngine(ReGATEConfig(warmup=0, dense_steps=0), digest_cache)
-    engine.plan(labels, mask, SAMPLE_IDS)  # the scored targets: accepted
+    engine.plan(labels, mask, SAMPLE_IDS, context_ids=tokens)  # the scored samples: accepted
     changed = labels.clone()
     j = int((changed[2] != IGNORE_INDEX).nonzero()[-1])  # sample 2's last target, same count
     changed[2, j] = (changed[2, j] + 1) % VOCAB
-    with pytest.raises(BatchError, match=r"^sample 2 has as many supervised tokens as the reference cache \(\d+\) "
-                                         r"but other token ids \(tokens changed\) in this micro-batch"):
-        engine.plan(changed, mask, SAMPLE_IDS)
+    with pytest.raises(BatchError, match=r"^sample 2 has " + SAME_COUNT):
+        engine.plan(changed, mask, SAMPLE_IDS, context_ids=tokens)
     prompt = labels.clone()
     prompt[2, 0] = 5  # a target at position 0 is never supervised (no position -1 predicts it)
-    engine.plan(prompt, mask, SAMPLE_IDS)
+    engine.plan(prompt, mask, SAMPLE_IDS, context_ids=tokens)
     fewer = labels.clone()
     fewer[0, 3] = IGNORE_INDEX
     with pytest.raises(BatchError, match=r"^sample 4 has \d+ supervised tokens but the reference cache holds \d+ "
                                          r"\(token count changed\) in this micro-batch"):
-        engine.plan(fewer, mask, SAMPLE_IDS)
+        engine.plan(fewer, mask, SAMPLE_IDS, context_ids=tokens)
 
 
-def test_target_digests_follow_units_with_the_attention_mask():
-    from regate_plugin.refcache import target_digests
+def test_engine_refuses_a_changed_prompt_with_the_same_answer(digest_cache):
+    """The reference losses depend on the whole context: one prompt token of sample 0 (row 1) edited,
+    its answer unchanged, is refused by name."""
+    tokens, labels, mask = toy_batch()
+    engine = ReGATEEngine(ReGATEConfig(warmup=0, dense_steps=0), digest_cache)
+    edited = tokens.clone()
+    edited[1, 0] = (edited[1, 0] + 1) % VOCAB
+    assert labels[1, 0] == IGNORE_INDEX and labels[1, 1] == IGNORE_INDEX  # a prompt position, not a target
+    with pytest.raises(BatchError, match=r"^sample 0 has " + SAME_COUNT):
+        engine.plan(labels, mask, SAMPLE_IDS, context_ids=edited)
+    padding = tokens.clone()
+    padding[1, 6:] = (padding[1, 6:] + 1) % VOCAB  # row 1's padding (mask 0): not part of the sample
+    engine.plan(labels, mask, SAMPLE_IDS, context_ids=padding)
+
+
+def test_engine_digest_is_the_same_for_left_padding_and_another_batch_order(digest_cache):
+    tokens, labels, mask = toy_batch()
+    engine = ReGATEEngine(ReGATEConfig(warmup=0, dense_steps=0), digest_cache)
+    left = [torch.roll(t, shifts=int((mask[b] == 0).sum()), dims=0) for b, t in enumerate(tokens)]
+    left_labels = torch.stack([torch.roll(labels[b], int((mask[b] == 0).sum())) for b in range(3)])
+    left_mask = torch.stack([torch.roll(mask[b], int((mask[b] == 0).sum())) for b in range(3)])
+    assert not torch.equal(left_mask, mask) and left_mask[:, -1].all()
+    order = torch.tensor([2, 0, 1])
+    engine.plan(left_labels[order], left_mask[order], SAMPLE_IDS[order], context_ids=torch.stack(left)[order])
+
+
+def test_engine_with_a_digest_cache_needs_the_context(digest_cache):
+    tokens, labels, mask = toy_batch()
+    engine = ReGATEEngine(ReGATEConfig(warmup=0, dense_steps=0), digest_cache)
+    with pytest.raises(BatchError, match=r"^the reference cache records each sample's digest of its prompt and answer, "
+                                         r"but this micro-batch came without its input ids"):
+        engine.plan(labels, mask, SAMPLE_IDS)
+    with pytest.raises(BatchError, match=r"^context ids \(3, 11\) and labels \(3, 12\) differ in shape$"):
+        engine.plan(labels, mask, SAMPLE_IDS, context_ids=tokens[:, :11])
+
+
+def test_sample_digests_follow_units_and_the_attention_mask():
+    from regate_plugin.identity import sample_digests
     from regate_plugin.units import find_units
 
     tokens, labels, mask = toy_batch()
     labels[1, 7:] = tokens[1, 7:]  # labels on padding: not units, not in the digest
-    got = target_digests(labels, find_units(labels, mask))
+    got = sample_digests(tokens, labels, find_units(labels, mask), mask)
     assert got.dtype == "uint64"
-    assert got.tolist() == [independent_digest(labels[b], mask[b]) for b in range(3)]
+    assert got.tolist() == [independent_digest(tokens[b], labels[b], mask[b]) for b in range(3)]
 
 
 def test_losses_stay_on_their_device_until_end_step(cache):

@@ -148,12 +148,20 @@ def test_sparse_step_equals_per_sample_deletion(tmp_path, kind):
     ]
 
     model = tiny_model(kind)
+    params = [p for p in model.parameters() if p.requires_grad]
     hf.enable(model, engine)
     loss = model(**batch, sample_index=torch.arange(3)).loss
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
     hf.disable(model)
-    with torch.no_grad():
-        reference = deletion_reference(model, batch, expected_plan.keep_mask)
+    reference = deletion_reference(model, batch, expected_plan.keep_mask)
+    reference_grads = torch.autograd.grad(reference, params, allow_unused=True)
     assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    for name, param, got, want in zip(names, params, grads, reference_grads):
+        zero = torch.zeros_like(param)
+        torch.testing.assert_close(zero if got is None else got, zero if want is None else want, atol=1e-5, rtol=1e-4,
+                                   msg=lambda message: f"{name}: {message}")
+    assert sum(g is not None and bool(g.abs().sum() > 0) for g in grads) > len(grads) // 2  # the gradient reached most weights
     stats = engine.end_step()
     assert stats.supervised_kept == 2 * sum(math.ceil(n / 2) for n in counts)  # planned twice: test + forward
 

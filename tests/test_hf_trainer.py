@@ -31,8 +31,8 @@ class RecordingEngine(ReGATEEngine):
         super().__init__(*args, **kwargs)
         self.selections = []
 
-    def plan(self, labels, attention_mask, sample_ids, position_ids=None):
-        plan = super().plan(labels, attention_mask, sample_ids, position_ids)
+    def plan(self, labels, attention_mask, sample_ids, position_ids=None, **kwargs):
+        plan = super().plan(labels, attention_mask, sample_ids, position_ids, **kwargs)
         self.selections.append((self.step, plan.sample_ids.tolist(), plan.unit_keep.tolist()))
         return plan
 

@@ -56,9 +56,9 @@ def trl_collator(proc):
     return DataCollatorForVisionLanguageModeling(proc, completion_only_loss=True)
 
 
-def sft_config(out):
+def sft_config(out, learning_rate=0.05):
     # SGD: the weights after a few steps compare as exactly as the gradients (Adam amplifies 1e-7 noise)
-    return SFTConfig(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=2, learning_rate=0.05, optim="sgd",
+    return SFTConfig(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=2, learning_rate=learning_rate, optim="sgd",
                      logging_steps=1, report_to=[], use_cpu=True, seed=0, save_strategy="no", disable_tqdm=True,
                      lr_scheduler_type="constant", completion_only_loss=True, max_length=None, bf16=False,
                      gradient_checkpointing=False, remove_unused_columns=False, dataloader_num_workers=0)
@@ -69,11 +69,11 @@ def indexed(data):
     return data.add_column(SAMPLE_INDEX_KEY, list(range(len(data))))
 
 
-def regate_run(tmp_path, config, cache):
+def regate_run(tmp_path, config, cache, learning_rate=0.05):
     proc, model = processor(), tiny_model("llava")
     engine = ReGATEEngine(config, cache)
     hf.enable(model, engine)
-    trainer = ReGATESFTTrainer(model=model, args=sft_config(tmp_path / "regate"), train_dataset=indexed(dataset()),
+    trainer = ReGATESFTTrainer(model=model, args=sft_config(tmp_path / "regate", learning_rate), train_dataset=indexed(dataset()),
                                processing_class=proc, data_collator=IndexedCollator(trl_collator(proc)))
     attach(trainer, engine)
     trainer.train()
@@ -119,7 +119,31 @@ def test_sparse_sft_trains_on_the_selected_tokens(tmp_path, cache):
         kept, total = entry["regate/supervised_kept"], entry["regate/supervised_total"]
         assert (kept < total) if (step - 1) % 2 else (kept == total), (step, kept, total)
         assert np.isfinite(entry["loss"])
-    assert engine.ema.values.abs().sum() > 0  # the student's losses reached the EMA
+
+
+def test_the_ema_takes_the_students_losses_of_the_trained_units(tmp_path, cache):
+    """Weights frozen (learning rate 0) and elision ``loss`` (kept units see the whole context): every
+    unit the run trained holds beta * reference + (1 - beta) * its loss under the unpatched model, alone
+    and dense; one epoch, so each sample was trained once, half its units on a sparse step."""
+    config = ReGATEConfig(warmup=0, cycle=2, dense_steps=1, keep_ratio=0.5, elision="loss")
+    _, _, engine = regate_run(tmp_path, config, cache, learning_rate=0.0)
+    reference_model, collate = tiny_model("llava"), trl_collator(processor())
+    offsets, initial = cache.offsets_tensor(), cache.all_losses().float()
+    trained_counts = []
+    for i, sample in enumerate(dataset()):
+        batch = collate([dict(sample)])
+        with torch.no_grad():
+            logits = reference_model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        targets = batch["labels"][0, 1:]
+        supervised = (targets != -100).nonzero().flatten()
+        losses = torch.nn.functional.cross_entropy(logits[supervised], targets[supervised], reduction="none")
+        ema, ref = engine.ema.values[offsets[i]:offsets[i + 1]], initial[offsets[i]:offsets[i + 1]]
+        trained = ema != ref
+        torch.testing.assert_close(ema[trained], config.ema_beta * ref[trained] + (1 - config.ema_beta) * losses[trained],
+                                   atol=1e-5, rtol=1e-5)
+        trained_counts.append((int(trained.sum()), len(ref)))
+    halves = sum(kept == -(-n // 2) < n for kept, n in trained_counts)
+    assert halves == STEPS // 2 * 2 and all(kept in (n, -(-n // 2)) for kept, n in trained_counts)  # 2 sparse steps x 2 samples
 
 
 def test_the_engine_is_found_under_any_nesting_of_wrappers():

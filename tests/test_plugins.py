@@ -20,7 +20,7 @@ FP = Fingerprint(dataset="d", tokenizer="t", teacher="m", visual_tokens="4", max
 SAMPLE_IDS = torch.tensor([0, 1, 2])
 N_UNITS = 11
 OURS = f"(regate-plugin {regate_plugin.__version__})"
-HOOKS = "regate_keep_ratio, regate_score, regate_select, regate_step_end, regate_targets"
+HOOKS = "regate_keep_ratio, regate_rearm, regate_score, regate_select, regate_step_end, regate_targets"
 PLUGIN_LOG = "regate_plugin.plugins"
 
 

@@ -143,7 +143,7 @@ def check_cache_contents(cache: RefCache, samples: list, path: Path) -> None:
     assert (path / "offsets.i64").read_bytes() == offsets.astype("<i8").tobytes()
     meta = json.loads((path / "meta.json").read_text())
     assert meta["format"] == "regate-refcache"
-    assert meta["version"] == 2
+    assert meta["version"] == 3
     assert meta["num_samples"] == len(samples)
     assert meta["num_units"] == int(counts.sum())
     assert meta["fingerprint"] == {
@@ -495,8 +495,8 @@ def test_open_rejects_json_meta_that_is_not_a_cache_record(cache_path, content):
 @pytest.mark.parametrize(
     "field, value, found",
     [
-        ("format", "other-cache", "'other-cache' v2"),
-        ("version", 3, "'regate-refcache' v3"),
+        ("format", "other-cache", "'other-cache' v3"),
+        ("version", 4, "'regate-refcache' v4"),
         ("version", "1", "'regate-refcache' v'1'"),
     ],
 )
@@ -504,7 +504,7 @@ def test_open_rejects_wrong_format_or_version(cache_path, field, value, found):
     meta = json.loads((cache_path / "meta.json").read_text())
     meta[field] = value
     (cache_path / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(CorruptCacheError, match="is not a regate-refcache v2 cache") as info:
+    with pytest.raises(CorruptCacheError, match="is not a regate-refcache v3 cache") as info:
         RefCache.open(cache_path)
     assert f"found {found}" in str(info.value)
 
@@ -646,7 +646,7 @@ def test_write_shard_wants_digests_exactly_when_the_fingerprint_has_samples(tmp_
     digests = digests_for(4)
     with_digests = RefCacheWriter(tmp_path / "a", with_samples(digests), 4, shard_size=2)
     shard = with_digests.shards()[0]
-    with pytest.raises(ValueError, match="pass each sample's target digest"):
+    with pytest.raises(ValueError, match="pass each sample's digest"):
         with_digests.write_shard(shard, [[1.0], [2.0]])
     with pytest.raises(ValueError, match="covers 2 samples, got 3 digests"):
         with_digests.write_shard(shard, [[1.0], [2.0]], digests[:3])
@@ -667,7 +667,8 @@ def test_sample_mismatch_names_the_first_changed_sample_and_its_cause(tmp_path):
     tokens = digests.copy()
     tokens[2] += np.uint64(1)
     assert cache.sample_mismatch(SampleDigests(counts, tokens)) == (
-        "sample 2 has as many supervised tokens as the reference cache (3) but other token ids (tokens changed)"
+        "sample 2 has as many supervised tokens as the reference cache (3) but other token ids in its prompt or "
+        "answer (tokens changed)"
     )
     more = counts.copy()
     more[1] = 2
@@ -679,10 +680,13 @@ def test_sample_mismatch_names_the_first_changed_sample_and_its_cause(tmp_path):
     assert lines == [f"teacher: cache has {FP.teacher!r}, this run has 't2'", cache.sample_mismatch(SampleDigests(counts, tokens))]
 
 
-def test_cache_from_an_older_version_says_rebuild(cache_path):
+@pytest.mark.parametrize("version", [1, 2])  # v2: digests of the targets alone, blind to a changed prompt
+def test_cache_from_an_older_version_says_rebuild(cache_path, version):
     meta = json.loads((cache_path / "meta.json").read_text())
-    (cache_path / "meta.json").write_text(json.dumps({**meta, "version": 1}))
-    with pytest.raises(CorruptCacheError, match=r"v1 cache from an older regate-plugin .* rebuild it with `regate score`"):
+    (cache_path / "meta.json").write_text(json.dumps({**meta, "version": version}))
+    with pytest.raises(CorruptCacheError, match=rf"^\S+ is a v{version} cache from an older regate-plugin \(this one reads "
+                                                rf"v3, whose per-sample digests cover each sample's prompt and answer\): "
+                                                r"rebuild it with `regate score`$"):
         RefCache.open(cache_path)
 
 
@@ -692,7 +696,7 @@ def test_partial_from_an_older_version_is_refused(tmp_path):
     progress = tmp_path / "cache.partial" / "progress.json"
     old = {k: v for k, v in json.loads(progress.read_text()).items() if k != "version"}
     progress.write_text(json.dumps(old))
-    with pytest.raises(CacheMismatchError, match=r"another regate-plugin version \(format v1, this one v2\).*delete"):
+    with pytest.raises(CacheMismatchError, match=r"another regate-plugin version \(format v1, this one v3\).*delete"):
         RefCacheWriter(path, FP, 3, shard_size=2)
     progress.write_text("{not json")
     with pytest.raises(CorruptCacheError, match="progress.json is unreadable"):

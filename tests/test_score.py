@@ -206,6 +206,13 @@ def test_library_call_without_cli(tmp_path, assets, reference_cache):
     assert cache_bytes(cache.path) == cache_bytes(reference_cache)
 
 
+def context_of(student, batch):
+    """The batch's context ids as the hf target's training forward computes them (the student's config)."""
+    from transformers import AutoConfig
+
+    return hf.context_ids(AutoConfig.from_pretrained(student), batch["input_ids"])
+
+
 def online_engine(student, teacher_dir):
     from regate_plugin import ReGATEConfig, ReGATEEngine
     from regate_plugin.scoring import OnlineRefCache
@@ -229,7 +236,8 @@ def test_online_cache_scores_on_first_sight_like_the_offline_pass(assets, refere
     data = train_dataset()
     for step, ids in enumerate([[0, 5, 7], [5, 11, 2], [0, 23, 7]]):
         batch = collate("llava", [data[i] for i in ids])
-        plans = [e.plan(batch["labels"], batch["attention_mask"], torch.tensor(ids)) for e in (online, offline)]
+        plans = [e.plan(batch["labels"], batch["attention_mask"], torch.tensor(ids), context_ids=context_of(student, batch))
+                 for e in (online, offline)]
         assert torch.equal(plans[0].unit_keep, plans[1].unit_keep)
         for engine, plan in zip((online, offline), plans):
             engine.record(plan, torch.full((int(plan.unit_keep.sum()),), 1.5))
@@ -255,7 +263,8 @@ def _online_worker(rank, world, port, student, teacher_dir, out_dir):
         steps = ([[1, 2], [3, 9]], [[3, 4], [10, 1]])[rank]  # sample 3 on both ranks, in different steps
         for ids in steps:
             batch = collate("llava", [data[i] for i in ids])
-            plan = engine.plan(batch["labels"], batch["attention_mask"], torch.tensor(ids))
+            plan = engine.plan(batch["labels"], batch["attention_mask"], torch.tensor(ids),
+                               context_ids=context_of(student, batch))
             engine.record(plan, torch.full((int(plan.unit_keep.sum()),), float(rank + 1)))
             engine.end_step()
         torch.save({"ema": engine.ema.values, "ref": engine.refcache.all_losses()}, os.path.join(out_dir, f"{rank}.pt"))
@@ -285,13 +294,18 @@ def test_online_cache_shares_new_scores_across_ranks(tmp_path, assets):
     assert torch.equal(seen, expected)
 
 
-def test_cache_records_a_digest_of_every_samples_targets(reference_cache):
-    """8 bytes a sample: BLAKE2b of the supervised target ids (labels[j + 1] where supervised), in order."""
+def test_cache_records_a_digest_of_every_samples_context_and_targets(reference_cache):
+    """8 bytes a sample: BLAKE2b of the token count, the input ids with each image placeholder as -1,
+    then the supervised target ids (labels[j + 1] where supervised), all int64 little-endian."""
     cache = RefCache.open(reference_cache)
     expected = []
     for sample in train_dataset():
-        targets = sample["labels"][1:][sample["labels"][1:] != IGNORE_INDEX].numpy().astype("<i8")
-        expected.append(int.from_bytes(hashlib.blake2b(targets.tobytes(), digest_size=8).digest(), "little"))
+        ids = sample["input_ids"]
+        context = [-1 if int(t) == LLAVA_IMAGE_ID else int(t) for t in ids]
+        assert -1 in context
+        targets = [int(t) for t in sample["labels"][1:] if t != IGNORE_INDEX]
+        data = b"".join(v.to_bytes(8, "little", signed=True) for v in [len(context), *context, *targets])
+        expected.append(int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little"))
     assert cache.digests.tolist() == expected
     data = (reference_cache / "digests.u64").read_bytes()
     meta = json.loads((reference_cache / "meta.json").read_text())
@@ -338,13 +352,18 @@ def big_cache(tmp_path_factory, assets):
     return out
 
 
-def edited_dataset(index, keep_count):
+def edited_dataset(index, keep_count, prompt=False):
     """The big cache's samples with one answer token of sample ``index`` replaced (same count of
-    supervised tokens), or its first answer token made unsupervised (one fewer)."""
+    supervised tokens), or its first answer token made unsupervised (one fewer), or (``prompt``)
+    the prompt token just before its answer replaced, the answer unchanged."""
     data = tiny_samples("llava", NUM_BIG, seed=5)
     sample = data[index]
     answer = (sample["labels"] != IGNORE_INDEX).nonzero().flatten()
-    if keep_count:
+    if prompt:
+        j = int(answer[0]) - 1
+        assert sample["labels"][j] == IGNORE_INDEX and TEXT_LO <= sample["input_ids"][j] < TEXT_HI
+        sample["input_ids"][j] = TEXT_LO + (int(sample["input_ids"][j]) - TEXT_LO + 1) % (TEXT_HI - TEXT_LO)
+    elif keep_count:
         j = int(answer[-2])  # an answer word, not the EOS
         other = TEXT_LO + (int(sample["labels"][j]) - TEXT_LO + 1) % (TEXT_HI - TEXT_LO)
         sample["labels"][j] = sample["input_ids"][j] = other
@@ -363,10 +382,11 @@ def refusals(monkeypatch, student, teacher, cache, data, index):
     engine = ReGATEEngine(ReGATEConfig(), RefCache.open(cache))
     others = [i for i in range(3) if i != index]
     fine = collate("llava", [data[i] for i in others])
-    engine.plan(fine["labels"], fine["attention_mask"], torch.tensor(others))  # untouched samples pass
+    engine.plan(fine["labels"], fine["attention_mask"], torch.tensor(others), context_ids=context_of(student, fine))
     batch = collate("llava", [data[i] for i in [*others, index]])
     with pytest.raises(BatchError) as refused:
-        engine.plan(batch["labels"], batch["attention_mask"], torch.tensor([*others, index]))
+        engine.plan(batch["labels"], batch["attention_mask"], torch.tensor([*others, index]),
+                    context_ids=context_of(student, batch))
     return inspect.output, one_error_line(score), str(refused.value)
 
 
@@ -381,11 +401,34 @@ def test_a_changed_sample_the_probe_misses_is_refused_by_open_inspect_score_and_
     with pytest.raises(CacheMismatchError, match="samples: cache has"):
         RefCache.open(big_cache, expect={**source.expected(), "samples": source.fingerprint.samples})
     count = int(RefCache.open(big_cache).counts()[index])
-    cause = f"sample {index} has as many supervised tokens as the reference cache ({count}) but other token ids (tokens changed)"
+    cause = (f"sample {index} has as many supervised tokens as the reference cache ({count}) but other token ids in "
+             "its prompt or answer (tokens changed)")
     inspect, score, training = refusals(monkeypatch, student, teacher, big_cache, data, index)
     assert cause in inspect
     assert cause in score and score.endswith("use a new --out or delete it")
     assert training.startswith(cause + " in this micro-batch")
+
+
+def test_a_changed_prompt_with_the_same_answer_is_refused_by_name(monkeypatch, assets, big_cache, no_teacher_load):
+    """The reference losses were computed from the whole context: a prompt edited after scoring, the
+    answer kept, leaves them stale. Refused by the samples check, inspect, score and training alike."""
+    student, teacher = assets
+    index = UNPROBED[-3]
+    data = edited_dataset(index, keep_count=True, prompt=True)
+    original = tiny_samples("llava", NUM_BIG, seed=5)[index]
+    assert torch.equal(data[index]["labels"], original["labels"])
+    assert not torch.equal(data[index]["input_ids"], original["input_ids"])
+    source = hf.HFScoringSource(data, str(student), "tiny")
+    RefCache.open(big_cache, expect=source.expected())  # the start-up probe cannot see it
+    with pytest.raises(CacheMismatchError, match="samples: cache has"):
+        RefCache.open(big_cache, expect={**source.expected(), "samples": source.fingerprint.samples})
+    count = int(RefCache.open(big_cache).counts()[index])
+    cause = (f"sample {index} has as many supervised tokens as the reference cache ({count}) but other token ids in "
+             "its prompt or answer (tokens changed)")
+    inspect, score, training = refusals(monkeypatch, student, teacher, big_cache, data, index)
+    assert cause in inspect
+    assert cause in score and score.endswith("use a new --out or delete it")
+    assert training.startswith(cause + " in this micro-batch") and "\n" not in training
 
 
 def test_a_changed_token_count_is_named_as_such(monkeypatch, assets, big_cache, no_teacher_load):
@@ -469,3 +512,30 @@ def test_partial_run_with_another_shard_size_is_named_then_resumed(tmp_path, mon
     assert result.exit_code == 0, result.output
     assert "resuming: 1 of 5 shards done" in result.output
     assert cache_bytes(out) == cache_bytes(reference_cache)
+
+
+def test_hf_training_forward_checks_each_samples_context_against_the_cache(assets, reference_cache):
+    """Through the hf target's training forward (left padding, another batch order than scoring): the
+    scored samples train; the same batch with one prompt token of a sample edited, its answer kept,
+    is refused naming that sample, before any layer runs."""
+    from transformers import LlavaForConditionalGeneration
+
+    from regate_plugin.engine import SAMPLE_INDEX_KEY
+
+    student, _ = assets
+    model = LlavaForConditionalGeneration.from_pretrained(student).train()
+    hf.enable(model, ReGATEEngine(ReGATEConfig(warmup=0, dense_steps=0, keep_ratio=0.5), RefCache.open(reference_cache)))
+    data = train_dataset()
+    ids = [17, 3, 9]
+    batch = collate("llava", [data[i] for i in ids], padding_side="left")
+    assert (batch["attention_mask"][:, 0] == 0).any()
+    loss = model(**batch, **{SAMPLE_INDEX_KEY: torch.tensor(ids)}).loss
+    assert torch.isfinite(loss)
+    edited = [dict(sample) for sample in (data[i] for i in ids)]
+    answer = int((edited[1]["labels"] != IGNORE_INDEX).nonzero()[0])
+    prompt = edited[1]["input_ids"].clone()
+    prompt[answer - 1] = TEXT_LO + (int(prompt[answer - 1]) - TEXT_LO + 1) % (TEXT_HI - TEXT_LO)
+    edited[1]["input_ids"] = prompt
+    with pytest.raises(BatchError, match=r"^sample 3 has as many supervised tokens as the reference cache \(\d+\) but "
+                                         r"other token ids in its prompt or answer \(tokens changed\) in this micro-batch"):
+        model(**collate("llava", edited, padding_side="left"), **{SAMPLE_INDEX_KEY: torch.tensor(ids)})

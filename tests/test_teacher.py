@@ -3,6 +3,8 @@
 import hashlib
 import json
 import os
+import shutil
+import time
 
 import pytest
 
@@ -51,7 +53,7 @@ def test_same_names_and_sizes_other_weights_give_another_fingerprint(tmp_path):
     assert teacher_fingerprint(str(changed_config)) != teacher_fingerprint(str(first))
 
 
-def test_memo_hit_reads_no_file_and_records_path_size_mtime(tmp_path, memo_home, counted_reads):
+def test_memo_hit_reads_no_file_and_records_the_files_identity(tmp_path, memo_home, counted_reads):
     folder = model_folder(tmp_path / "lm", b"w" * 5000)
     first = teacher_fingerprint(str(folder))
     assert sorted(counted_reads) == ["config.json", "model.safetensors"]
@@ -60,27 +62,81 @@ def test_memo_hit_reads_no_file_and_records_path_size_mtime(tmp_path, memo_home,
     assert len(counted_reads) == 2  # hashed once, not on every open
     memo = json.loads((memo_home / "file-digests.json").read_bytes())
     weights = (folder / "model.safetensors").resolve()
-    stat = weights.stat()
+    stat = os.stat(weights)
     assert memo[str(weights)] == {
-        "size": 5000, "mtime_ns": stat.st_mtime_ns, "sha256": hashlib.sha256(b"w" * 5000).hexdigest(),
+        "size": 5000, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino, "device": stat.st_dev,
+        "ctime_ns": stat.st_ctime_ns, "sha256": hashlib.sha256(b"w" * 5000).hexdigest(),
     }
 
 
-def test_memo_contract_unchanged_path_size_and_mtime_mean_unchanged_content(tmp_path, counted_reads):
-    """The memo trusts (path, size, mtime_ns), as make and rsync's quick check do: rewriting a file
-    to the same size and putting its mtime back is not seen; any new mtime or size is."""
+def past_the_ctime_tick() -> None:
+    """The kernel stamps ctime from a coarse clock (a few ms): a write right after the folder was made
+    could get its very ctime. A real copy comes long after the hash that recorded it."""
+    time.sleep(0.05)
+
+
+def test_rewrite_with_its_mtime_put_back_is_hashed_again(tmp_path, counted_reads):
+    """Same path, size and mtime, other bytes (what `cp -p` of another teacher over the file does):
+    the write moved the ctime, so the memo does not answer."""
     folder = model_folder(tmp_path / "lm", b"a" * 4096)
     weights = folder / "model.safetensors"
     before = teacher_fingerprint(str(folder))
     stat = weights.stat()
+    past_the_ctime_tick()
     weights.write_bytes(b"b" * 4096)
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert teacher_fingerprint(str(folder)) == before  # the memo answered, the file was not read
-    assert counted_reads.count("model.safetensors") == 1
-    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
     after = teacher_fingerprint(str(folder))
-    assert after != before and counted_reads.count("model.safetensors") == 2
+    assert counted_reads.count("model.safetensors") == 2
+    assert after != before
     assert after == teacher_fingerprint(str(model_folder(tmp_path / "fresh", b"b" * 4096)))
+
+
+@pytest.mark.parametrize("how", ["cp -p", "rsync -a"])
+def test_another_teacher_copied_over_the_folder_with_mtimes_kept_gets_its_own_fingerprint(tmp_path, how):
+    """`cp -p` overwrites each file in place and keeps the source's times; `rsync -a` writes a new file
+    and renames it over the old one (a new inode) with the source's times. Both teachers have files of
+    the same names and sizes, made at the same moment."""
+    old = model_folder(tmp_path / "teacher", bytes(range(256)) * 16)
+    other = model_folder(tmp_path / "other", bytes(reversed(range(256))) * 16)
+    for name in ("config.json", "model.safetensors"):  # the same times on both: mtime alone cannot tell them apart
+        os.utime(other / name, ns=(os.stat(old / name).st_atime_ns, os.stat(old / name).st_mtime_ns))
+    recorded = teacher_fingerprint(str(old))
+    past_the_ctime_tick()
+    for name in ("config.json", "model.safetensors"):
+        if how == "cp -p":
+            shutil.copy2(other / name, old / name)
+        else:
+            shutil.copy2(other / name, old / f".{name}.tmp")
+            os.replace(old / f".{name}.tmp", old / name)
+        assert os.stat(old / name).st_mtime_ns == os.stat(other / name).st_mtime_ns
+    assert teacher_fingerprint(str(old)) == teacher_fingerprint(str(other)) != recorded
+
+
+def test_training_state_of_a_checkpoint_folder_is_not_part_of_the_fingerprint(tmp_path):
+    """A Trainer checkpoint holds the weights and the optimizer, scheduler, scaler and RNG states and
+    its training arguments: resuming (other optimizer state, same weights) keeps the fingerprint."""
+    weights = bytes(range(256)) * 4
+    plain = model_folder(tmp_path / "plain", weights, config=b'{"model_type": "llama"}')
+    checkpoint = model_folder(tmp_path / "checkpoint-100", weights, config=b'{"model_type": "llama"}')
+    state = {"optimizer.pt": b"adam" * 64, "scheduler.pt": b"cosine", "scaler.pt": b"scale", "rng_state.pth": b"rng",
+             "rng_state_1.pth": b"rng1", "training_args.bin": b"args", "trainer_state.json": b"{}"}
+    for name, data in state.items():
+        (checkpoint / name).write_bytes(data)
+    assert teacher_fingerprint(str(checkpoint)) == teacher_fingerprint(str(plain))
+    (checkpoint / "optimizer.pt").write_bytes(b"another optimizer state")
+    assert teacher_fingerprint(str(checkpoint)) == teacher_fingerprint(str(plain))
+    (checkpoint / "pytorch_model.pt").write_bytes(b"more weights")  # a .pt weight file still counts
+    assert teacher_fingerprint(str(checkpoint)) != teacher_fingerprint(str(plain))
+
+
+def test_a_folder_with_only_training_state_is_no_teacher(tmp_path):
+    folder = tmp_path / "optimizer-only"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "optimizer.pt").write_bytes(b"adam")
+    with pytest.raises(TeacherError, match="the folder holds no config.json and weight files"):
+        resolve_teacher(str(folder))
 
 
 def test_unwritable_memo_warns_and_still_hashes(tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
 """The GPU checks of ``benchmarks/gpu/run.sh``: varlen backend parity, the hf dense step in bf16, and
-one sparse step against delete-and-rerun. ``python benchmarks/gpu/checks.py --out DIR`` prints one
+one sparse step against delete-and-rerun, the dense step with Liger-Kernel's kernels. ``python benchmarks/gpu/checks.py --out DIR`` prints one
 line per case, writes ``DIR/checks.json`` and exits 1 if any case fails.
 
 Tolerances are relative to what bf16 itself costs, so they neither hide a bug nor flag rounding:
@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from regate_plugin import ReGATEConfig, ReGATEEngine
 from regate_plugin.attention import BACKEND_ENV, varlen_attention, why_unavailable
 from regate_plugin.bench import PRESETS, Shape, make_batches
-from regate_plugin.bench.runner import EngineTimer, batch_embeddings, build_model
+from regate_plugin.bench.models import batch_embeddings, build_model
+from regate_plugin.bench.timing import EngineTimer
 from regate_plugin.refcache import Fingerprint, RefCache
 from regate_plugin.units import find_units
 
@@ -181,6 +182,42 @@ def hf_dense_step(device: torch.device, dtype: torch.dtype = torch.bfloat16, sha
     return results
 
 
+def liger_dense_step(device: torch.device, dtype: torch.dtype = torch.bfloat16, shape: Shape = CHECK_SHAPE,
+                     seed: int = 0) -> list[Result]:
+    """Liger-Kernel's layer kernels (RMSNorm, RoPE, SwiGLU) and fused cross-entropy forward on both
+    copies: the patched dense step (Liger's kernels inside the packed forward, ReGATE's kept-row loss
+    instead of Liger's fused one) against the unpatched Liger model, both judged against fp32 without
+    Liger; and every training micro-batch took the packed path."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    from regate_plugin.patches import hf
+
+    samples, (batch,) = make_batches(PRESETS["llava-1.5"], 4, 1, seed, scale=4, vocab_size=shape.vocab)
+    full, upstream, patched = _models(shape, device, dtype, max(s.length for s in samples), seed)
+    embeds = batch_embeddings(batch, full.get_input_embeddings(), seed, 0)
+    ref_loss, ref_grads = _step(full, embeds, batch)
+    for model in (upstream, patched):
+        _apply_liger_kernel_to_instance(model=model)
+    up_loss, up_grads = _step(upstream, embeds.to(dtype), batch)
+    engine = ReGATEEngine(ReGATEConfig(), None)
+    hf.enable(patched, engine)
+    try:
+        loss, grads = _step(patched, embeds.to(dtype), batch)
+    finally:
+        hf.disable(patched)
+    planned = engine.end_step().llm_tokens > 0
+    results = [Result("liger-dense", "packed forward ran", float(not planned), 0.0, planned, ""),
+               _judged("liger-dense", "loss", norm_error(loss, ref_loss), norm_error(up_loss, ref_loss), LOSS_FLOOR)]
+    worst = max(ref_grads, key=lambda n: norm_error(grads[n], ref_grads[n]) if n in grads else float("inf"))
+    for name in ref_grads:
+        result = (_judged("liger-dense", f"grad:{name}", norm_error(grads[name], ref_grads[name]),
+                          norm_error(up_grads[name], ref_grads[name])) if name in grads
+                  else Result("liger-dense", f"grad:{name}", float("nan"), 0.0, False, "missing"))
+        if not result.passed or name == worst:
+            results.append(result)
+    return results
+
+
 def _judged(check: str, case: str, error: float, baseline: float, floor: float = HF_FLOOR) -> Result:
     allowed = max(RATIO * baseline, floor)
     return Result(check, case, error, allowed, error <= allowed, f"unpatched {baseline:.2e}")
@@ -271,6 +308,8 @@ def run_checks(device: torch.device, dtype: torch.dtype = torch.bfloat16, cases:
     backends, unavailable = available_backends(device, dtype)
     results = (backend_parity(device, backends, cases, dtype) + _guarded("hf-dense", hf_dense_step, device, dtype, shape)
                + _guarded("sparse-step", sparse_step, device, dtype, shape))
+    if device.type == "cuda":  # Liger-Kernel's Triton kernels run on a GPU only
+        results += _guarded("liger-dense", liger_dense_step, device, dtype, shape)
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype).replace("torch.", ""),

@@ -9,8 +9,8 @@
 #    an install that fails (no network) leaves that backend reported as unavailable;
 # 2. benchmarks/gpu/checks.py: parity of every available varlen backend (flash-attn 4 and 2, torch
 #    varlen_attn, the SDPA loop; forward and backward, bf16 against fp32, GQA, unequal segments),
-#    the hf dense step on CUDA in bf16 and one sparse step against delete-and-rerun (tolerances
-#    in its docstring);
+#    the hf dense step on CUDA in bf16, one sparse step against delete-and-rerun, and the dense
+#    step with Liger-Kernel's kernels against the unpatched Liger model (tolerances in its docstring);
 # 3. `regate bench` for the three presets at 7b-width with 4 layers, MFU beside each step time, the
 #    engine's host time at LLaVA-665k scale (once);
 # writing everything to benchmarks/results/<device>/. Without CUDA it says it skipped and exits 0.
@@ -43,6 +43,7 @@ if [ "$major" -ge 9 ]; then
     has 'from flash_attn.cute import flash_attn_varlen_func' || install "the [flash4] extra" "flash-attn-4>=4.0.0b40"
 fi
 has 'from flash_attn import flash_attn_varlen_func' || install "the [flash] extra (wheel only)" --only-binary=:all: "flash-attn>=2.3"
+has 'import liger_kernel.transformers' || install "liger-kernel (its check)" --no-deps "liger-kernel>=0.5"
 
 status=0
 echo "== checks ($((SECONDS - start)) s)"

@@ -93,8 +93,11 @@ the shortest 7b-width step over that micro-batch (32 layers and the LM head, for
 at the device's bf16 peak; without a GPU, an H100 SXM's): ``share`` should stay at most 1%.
 
 Package: ``workloads`` (presets, samples, batches, the host workload), ``cost`` (the cost model,
-peaks, MFU), ``runner`` (models, modes, timing), ``report`` (table, header, footer),
-``command`` (``regate bench``).
+peaks, MFU; ``regate estimate`` uses it too), ``models`` (the random LLaVA and its inputs),
+``timing`` (synchronizer, a timed step, the engine's calls timed), ``memory`` (peak-memory probes),
+``runner`` (the mode loop), ``results`` (a mode's figures, the schedule-weighted row), ``host``
+(the engine's host time at dataset scale), ``report`` (table, header, footer), ``command``
+(``regate bench``).
 
 Figures per mode
 ----------------
@@ -131,6 +134,7 @@ from .cost import (
     BF16_PEAKS,
     SHAPES,
     Shape,
+    StepFlops,
     attention_flops,
     bf16_peak,
     ideal_speedup,
@@ -140,19 +144,16 @@ from .cost import (
     mfu,
     padded_cost,
     padded_step_cost,
+    padded_step_flops,
+    plan_cost,
     step_cost,
+    step_flops,
     training_flops,
 )
+from .host import engine_host_time, synthetic_cache
 from .report import NOISE_RATIO, format_footer, format_header, format_host, format_table, noisy_modes
-from .runner import (
-    MODES,
-    RESULT_FIELDS,
-    BenchOptions,
-    engine_host_time,
-    run_benchmark,
-    schedule_weighted,
-    synthetic_cache,
-)
+from .results import MODES, RESULT_FIELDS, schedule_weighted
+from .runner import BenchOptions, run_benchmark
 from .workloads import (
     BOS_ID,
     EOS_ID,

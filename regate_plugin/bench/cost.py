@@ -1,10 +1,18 @@
 """The cost model: forward FLOPs of decoder layers and the LM head from token counts, the ideal
-speedup, model FLOPs per training step, and the bf16 peaks MFU is measured against."""
+speedup, model FLOPs per training step, and the bf16 peaks MFU is measured against.
+
+The one place FLOPs are computed: ``regate bench`` (on the engine's packing plans), ``regate
+estimate`` (on expected token counts, before training) and the GPU kit (through ``regate bench``)
+all call these functions.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from ..packing import Packed
 
 @dataclass(frozen=True)
 class Shape:
@@ -29,7 +37,7 @@ SHAPES: dict[str, Shape] = {
 }
 
 
-def linear_flops(shape: Shape, tokens: int) -> float:
+def linear_flops(shape: Shape, tokens: float) -> float:
     """Forward FLOPs of one layer's projections: 2*T*(2*h*h + 2*h*h_kv + 3*h*I)."""
     h = shape.hidden
     return 2.0 * tokens * (2 * h * h + 2 * h * shape.kv_hidden + 3 * h * shape.intermediate)
@@ -37,7 +45,12 @@ def linear_flops(shape: Shape, tokens: int) -> float:
 
 def attention_flops(shape: Shape, segment_lengths: Sequence[int]) -> float:
     """Forward FLOPs of one layer's attention: 2*2*h*sum(l_i^2)."""
-    return 4.0 * shape.hidden * float(sum(int(n) ** 2 for n in segment_lengths))
+    return squares_attention_flops(shape, sum(int(n) ** 2 for n in segment_lengths))
+
+
+def squares_attention_flops(shape: Shape, sum_squares: float) -> float:
+    """``attention_flops`` from the sum of the segments' squared lengths."""
+    return 4.0 * shape.hidden * float(sum_squares)
 
 
 def layer_cost(shape: Shape, tokens: int, segment_lengths: Sequence[int]) -> float:
@@ -54,20 +67,54 @@ def ideal_speedup(baseline: float, cost: float) -> float:
     return baseline / cost
 
 
-def lm_head_flops(shape: Shape, rows: int) -> float:
+def lm_head_flops(shape: Shape, rows: float) -> float:
     """Forward FLOPs of the LM head over ``rows`` positions: 2*rows*h*V. Upstream computes logits at
     every one of the B*L positions; the packed modes only at the kept supervised ones."""
     return 2.0 * rows * shape.hidden * shape.vocab
 
 
+@dataclass(frozen=True)
+class StepFlops:
+    """Forward FLOPs of one step by part: the decoder layers' projections, their attention, the LM head."""
+
+    linear: float
+    attention: float
+    head: float
+
+    @property
+    def total(self) -> float:
+        return self.linear + self.attention + self.head
+
+
+def step_flops(shape: Shape, layers: int, tokens: float, sum_squares: float, head_rows: float) -> StepFlops:
+    """The parts of a step: ``layers`` decoder layers over ``tokens`` tokens whose attention segments'
+    squared lengths sum to ``sum_squares``, and the LM head over ``head_rows`` rows. Counts may be
+    expectations (``regate estimate``), hence floats."""
+    return StepFlops(
+        linear=layers * linear_flops(shape, tokens),
+        attention=layers * squares_attention_flops(shape, sum_squares),
+        head=lm_head_flops(shape, head_rows),
+    )
+
+
 def step_cost(shape: Shape, layers: int, tokens: int, segment_lengths: Sequence[int], head_rows: int) -> float:
     """Forward FLOPs of a step: ``layers`` decoder layers over the packed row plus the LM head."""
-    return layers * layer_cost(shape, tokens, segment_lengths) + lm_head_flops(shape, head_rows)
+    return step_flops(shape, layers, tokens, sum(int(n) ** 2 for n in segment_lengths), head_rows).total
+
+
+def plan_cost(shape: Shape, layers: int, packed: "Packed") -> float:
+    """``step_cost`` of an engine's packing plan: its row, its segments (``cu_seqlens``), its loss rows."""
+    return step_cost(shape, layers, packed.num_tokens, packed.cu_seqlens.diff().tolist(), packed.loss_rows.numel())
+
+
+def padded_step_flops(shape: Shape, layers: int, batch: int, length: int) -> StepFlops:
+    """The parts of an upstream padded step: every layer and the LM head over all B*L positions."""
+    return step_flops(shape, layers, batch * length, batch * length**2, batch * length)
 
 
 def padded_step_cost(shape: Shape, layers: int, batch: int, length: int) -> float:
     """Forward FLOPs of an upstream padded step: every layer and the LM head over all B*L positions."""
-    return layers * padded_cost(shape, batch, length) + lm_head_flops(shape, batch * length)
+    return padded_step_flops(shape, layers, batch, length).total
 
 
 def training_flops(forward: float) -> float:

@@ -113,11 +113,28 @@ def format_table(result: dict[str, Any]) -> str:
         f"mean {c['mean_gap'] * 100:+.1f} points",
         "regate reached dense's final accuracy " + (
             f"after {reached:.1%} of dense's supervised tokens" if reached is not None else "not within its run"),
-        f"acceptance: tokens <= {TOKEN_SHARE_LIMIT:.0%} of dense [{'ok' if c['accept_token_share'] else 'FAIL'}], "
-        f"final accuracy >= dense - {ACCURACY_MARGIN * 100:g} point [{'ok' if c['accept_accuracy'] else 'FAIL'}], "
-        f"curve at or above dense's [{'ok' if c['accept_curve'] else 'FAIL'}]",
+        acceptance_line(c),
     ]
     return "\n".join(lines)
+
+
+def acceptance_line(comparison: dict[str, Any]) -> str:
+    """The three acceptance checks of ``compare_curves``, each marked ok or FAIL."""
+    def mark(key: str) -> str:
+        return "ok" if comparison[key] else "FAIL"
+
+    return (f"acceptance: tokens <= {TOKEN_SHARE_LIMIT:.0%} of dense [{mark('accept_token_share')}], "
+            f"final accuracy >= dense - {ACCURACY_MARGIN * 100:g} point [{mark('accept_accuracy')}], "
+            f"curve at or above dense's [{mark('accept_curve')}]")
+
+
+def headline(result: dict[str, Any]) -> str:
+    """What the picture must say without its legend: ReGATE's token share and the acceptance result."""
+    c = result["comparison"]
+    verdict = "passed" if c["accept_token_share"] and c["accept_accuracy"] and c["accept_curve"] else "FAILED"
+    return (f"ReGATE trained on {c['token_share']:.1%} of dense's supervised tokens; final accuracy "
+            f"{c['regate_final_accuracy']:.3f} vs dense {c['dense_final_accuracy']:.3f}\n"
+            f"acceptance {verdict}: {acceptance_line(c).removeprefix('acceptance: ')}")
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
@@ -126,8 +143,9 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    fig, (ax_tokens, ax_seconds) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, (ax_tokens, ax_seconds) = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True)
     window = result["comparison"]["curve_smoothing"]
     for name, color in (("dense", "tab:blue"), ("regate", "tab:orange")):
         curve = result["runs"][name]["curve"]
@@ -139,10 +157,14 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     ax_tokens.set_xlabel("supervised tokens trained")
     ax_seconds.set_xlabel("training seconds (evaluation excluded)")
     ax_tokens.set_ylabel("held-out image-word accuracy")
+    thousands = FuncFormatter(lambda value, _: f"{value:,.0f}")
     for ax in (ax_tokens, ax_seconds):
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
-    fig.suptitle(f"regate demo: {result['steps']} steps, seed {result['seed']} (teacher-forced accuracy on image words)")
+        ax.xaxis.set_major_formatter(thousands)
+        ax.xaxis.set_major_locator(MaxNLocator(6))  # room for the separators
+    fig.suptitle(f"regate demo: {result['steps']:,} steps, seed {result['seed']} (teacher-forced accuracy on image words)\n"
+                 + headline(result))
     fig.tight_layout()
     from ..atomic import write_atomic
 

@@ -7,6 +7,7 @@ first (the ``upstream`` fixture), since ``apply`` patches LLaMA-Factory's classe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -51,10 +52,10 @@ def run_ok(*args: str) -> None:
 
 
 def refused(*args: str) -> str:
-    """Run ``regate``, expect exit status 1 with one ``Error:`` message (no traceback), and return it."""
+    """Run ``regate``, expect exit status 1 with one ``Error:`` message (no traceback), and return the output
+    from it on (once training started, it may follow a progress bar's output on the same line)."""
     result = regate(*args)
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert result.exit_code == 1 and len(errors) == 1, (result.output, result.exception)
+    assert result.exit_code == 1 and result.output.count("Error:") == 1, (result.output, result.exception)
     assert "Traceback" not in result.output
     return result.output[result.output.index("Error:"):]
 
@@ -65,7 +66,8 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def upstream(work: Path) -> Path:
-    """``llamafactory-cli train work/upstream.yaml``, unpatched (before any run applies ReGATE)."""
+    """``llamafactory-cli train work/upstream.yaml``, unpatched (before any run applies ReGATE); and
+    ``regate train --no-regate`` of the same, saving checkpoints without ReGATE state (a baseline's)."""
     from llamafactory.cli import main as llamafactory_cli
 
     yaml = train_yaml(work, "upstream")
@@ -74,7 +76,8 @@ def upstream(work: Path) -> Path:
         llamafactory_cli()
     finally:
         sys.argv = argv
-    run_ok("train", "--target", "llamafactory", "--no-regate", "--", train_yaml(work, "no_regate"))
+    run_ok("train", "--target", "llamafactory", "--no-regate", "--",
+           train_yaml(work, "no_regate", save_strategy="steps", save_steps=2))
     return work / "upstream"
 
 
@@ -155,17 +158,44 @@ def test_resume_is_exact(work: Path, cache: Path, sparse: Path) -> None:
     assert all(torch.equal(mine[k], base[k]) for k in base)
 
 
+EMA_DIGESTS = """
+import hashlib, os, sys
+from regate_plugin import cli
+from regate_plugin.engine import ReGATEEngine
+
+end_step = ReGATEEngine.end_step
+
+
+def recorded(self, *args, **kwargs):  # the EMA table of this rank after every optimizer step
+    stats = end_step(self, *args, **kwargs)
+    with open(os.environ["EMA_DIGESTS"] + "." + os.environ["RANK"], "a") as log:
+        log.write(hashlib.sha256(self.ema.values.numpy().tobytes()).hexdigest() + "\\n")
+    return stats
+
+
+ReGATEEngine.end_step = recorded
+cli.main(sys.argv[1:], prog_name="regate")
+"""
+
+
 def test_torchrun_two_ranks(work: Path, cache: Path, sparse: Path) -> None:
-    """``torchrun -m regate_plugin train`` (gloo, 2 ranks, one sample per rank and micro-batch): the same
-    global batches as the one-process run, so the rank-summed counts of every step are its counts."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "regate_plugin",
+    """``regate train`` under torchrun (gloo, 2 ranks, one sample per rank and micro-batch): the same
+    global batches as the one-process run, so the rank-summed counts of every step are its counts; and
+    both ranks hold the same EMA table after every step, one that training moved."""
+    digests = work / "two_ranks_ema"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
+               sys.executable, "-c", EMA_DIGESTS,
                "train", "--target", "llamafactory", "--ref-cache", str(cache), *SPARSE, "--",
                str(train_yaml(work, "two_ranks", per_device_train_batch_size=1))]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EMA_DIGESTS": str(digests)}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     counts = ("regate/keep_ratio", "regate/supervised_total", "regate/supervised_kept")
     assert [[e[k] for k in counts] for e in assets.log_history(work / "two_ranks")] == \
         [[e[k] for k in counts] for e in assets.log_history(sparse)]
+    rank0, rank1 = (Path(f"{digests}.{rank}").read_text().split() for rank in (0, 1))
+    assert len(rank0) == 6 and rank0 == rank1
+    assert len(set(rank0)) == 6  # every step changed the table
 
 
 def test_lora_runs_and_evaluates(work: Path, cache: Path) -> None:
@@ -233,3 +263,121 @@ def test_run_checks_cache_before_model_load(work: Path, cache: Path, no_model_lo
 def test_packing_refused_with_reason(work: Path, upstream: Path, no_model_load, setting: str) -> None:
     message = refused("train", "--target", "llamafactory", "--packing-only", "--", train_yaml(work, "packed"), setting)
     assert "sample index" in message and "set packing: false" in message
+
+
+@pytest.mark.parametrize("mode", [["--packing-only"], ["--ref-cache"]], ids=["in_run", "before_launch"])
+@pytest.mark.parametrize("setting", ["use_dft_loss=true", "use_eaft_loss=true", "use_asft_loss=true",
+                                     "label_smoothing_factor=0.1"])
+def test_losses_llamafactory_computes_itself_are_refused_by_name(work: Path, cache: Path, no_model_load, setting: str,
+                                                                mode: list[str]) -> None:
+    """They make the Trainer pop the labels (a compute_loss_func, a label smoother): ReGATE's forward would
+    fall back to the dense one on every step. Refused before the model loads, by the pre-launch check
+    and by the run's own argument parsing (what a rank of a launcher that skips the check meets)."""
+    options = [*mode, cache] if mode == ["--ref-cache"] else mode
+    message = refused("train", "--target", "llamafactory", *options, "--", train_yaml(work, "own_loss"), setting)
+    name, value = setting.split("=")
+    assert message.startswith(f"Error: {name}") and f"set {name}: {'false' if value == 'true' else 0}" in message
+
+
+def test_resume_from_a_checkpoint_without_regate_state(work: Path, upstream: Path, cache: Path) -> None:
+    """A baseline run's checkpoint: refused in one line that names the flag, then resumed with it (the EMA
+    from the reference losses, the schedule at the resumed step)."""
+    checkpoint = work / "no_regate" / "checkpoint-2"
+    assert not (checkpoint / "regate_state.pt").exists()
+    yaml = train_yaml(work, "switched_on", student=checkpoint, resume_from_checkpoint=str(checkpoint),
+                      save_strategy="steps", save_steps=2)
+    message = refused("train", "--target", "llamafactory", "--ref-cache", cache, *SPARSE, "--", yaml)
+    assert f"resuming from {checkpoint}, which holds no regate_state.pt" in message
+    assert "--resume-without-regate-state" in message and "attach(" in message
+
+    run_ok("train", "--target", "llamafactory", "--ref-cache", cache, *SPARSE, "--resume-without-regate-state", "--", yaml)
+    log = assets.log_history(work / "switched_on")
+    assert [e["step"] for e in log] == [1, 2, 3, 4, 5, 6] and not any("regate/keep_ratio" in e for e in log[:2])
+    assert [e["regate/keep_ratio"] for e in log[2:]] == [1.0, 0.5, 1.0, 0.5]  # optimizer steps 2-5 of the schedule
+    state = torch.load(work / "switched_on" / "checkpoint-4" / "regate_state.pt", weights_only=True)
+    reference, ema = RefCache.open(cache).all_losses(), state["ema"]["values"]
+    moved = ema != reference  # two steps of four samples from the reference losses
+    samples = torch.bucketize(moved.nonzero().flatten(), RefCache.open(cache).offsets_tensor(), right=True).unique()
+    assert state["step"] == 4 and moved.any() and 0 < len(samples) <= 8
+
+
+def test_ref_cache_run_tokenizes_the_dataset_once(work: Path, cache: Path, monkeypatch) -> None:
+    """The pre-launch check's dataset (same arguments) is the run's: LLaMA-Factory preprocesses it once."""
+    from llamafactory.data import loader
+
+    calls = []
+    preprocess = loader._get_preprocessed_dataset
+
+    def counted(dataset, *args, **kwargs):
+        calls.append(len(dataset))
+        return preprocess(dataset, *args, **kwargs)
+
+    monkeypatch.setattr(loader, "_get_preprocessed_dataset", counted)
+    run_ok("train", "--target", "llamafactory", "--ref-cache", cache, *SPARSE, "--", train_yaml(work, "once", max_steps=2))
+    assert calls == [16]
+    assert [e["regate/keep_ratio"] for e in assets.log_history(work / "once")] == [1.0, 0.5]
+
+
+@pytest.mark.parametrize(("schedule", "steps", "warning"), [
+    (["--warmup", "2"], ["max_steps=2"], "none of this run's optimizer steps 1-2 is sparse"),
+    (["--warmup", "3"], ["max_steps=-1", "num_train_epochs=1"], "none of this run's optimizer steps 1-4 is sparse"),
+    (["--warmup", "2"], ["max_steps=-1", "num_train_epochs=1"], None),  # step 4 is sparse
+], ids=["max_steps", "epochs", "reaches_sparse"])
+def test_a_run_without_sparse_steps_says_so_at_start(work: Path, cache: Path, caplog, schedule: list[str],
+                                                     steps: list[str], warning: str | None) -> None:
+    """16 samples in batches of 2 x 2 accumulated: an epoch is 4 optimizer steps."""
+    with caplog.at_level(logging.WARNING, logger="regate_plugin.trainer"):
+        run_ok("train", "--target", "llamafactory", "--ref-cache", cache, "--cycle", "2", "--dense-steps", "1",
+               "--keep-ratio", "0.5", *schedule, "--", train_yaml(work, "short"), *steps)
+    said = [r.getMessage() for r in caplog.records if r.name == "regate_plugin.trainer" and "is sparse" in r.getMessage()]
+    if warning is None:
+        assert said == []
+    else:
+        assert len(said) == 1 and said[0].startswith(f"ReGATE: {warning}") and f"warmup {schedule[1]}," in said[0]
+
+
+def test_a_run_that_bypasses_the_patched_trainer_is_an_error(work: Path, monkeypatch) -> None:
+    """A LLaMA-Factory whose SFT workflow builds another trainer class trains dense: an error, not silence."""
+    from llamafactory.train.sft import workflow
+    from transformers import Seq2SeqTrainer
+
+    class OtherTrainer(Seq2SeqTrainer):
+        """Takes the arguments the SFT workflow gives CustomSeq2SeqTrainer; not a subclass of it."""
+
+        def __init__(self, finetuning_args, processor, gen_kwargs=None, ref_model=None, **kwargs):
+            super().__init__(processing_class=kwargs.pop("tokenizer"), **kwargs)
+
+    monkeypatch.setattr(workflow, "CustomSeq2SeqTrainer", OtherTrainer)
+    message = refused("train", "--target", "llamafactory", "--packing-only", "--",
+                      train_yaml(work, "other_trainer", max_steps=1))
+    assert "trained without ReGATE" in message and "CustomSeq2SeqTrainer never ran" in message
+    assert assets.log_history(work / "other_trainer")  # it did train, dense
+
+
+def test_sparse_steps_are_found_in_the_schedule_in_use(cache: Path) -> None:
+    """The built-in schedule in closed form agrees with it step by step; a plugin's is asked."""
+    from regate_plugin.config import ReGATEConfig
+    from regate_plugin.engine import ReGATEEngine
+    from regate_plugin.hookspecs import hookimpl
+    from regate_plugin.plugins import build_plugin_manager
+    from regate_plugin.schedule import keep_ratio_at
+    from regate_plugin.trainer import reaches_sparse_step
+
+    refcache = RefCache.open(cache)
+    for warmup, cycle, dense, keep in [(0, 2, 1, 0.5), (3, 4, 2, 0.5), (5, 3, 3, 0.5), (2, 4, 1, 1.0)]:
+        config = ReGATEConfig(warmup=warmup, cycle=cycle, dense_steps=dense, keep_ratio=keep)
+        engine = ReGATEEngine(config, refcache)
+        for start in range(12):
+            for stop in range(start, 14):
+                brute = any(keep_ratio_at(step, config) < 1 for step in range(start, stop))
+                assert reaches_sparse_step(engine, start, stop) == brute, (config, start, stop)
+
+    class SparseAtFive:
+        @hookimpl
+        def regate_keep_ratio(self, step):
+            return 0.5 if step == 5 else 1.0
+
+    engine = ReGATEEngine(ReGATEConfig(warmup=0, cycle=2, dense_steps=1), refcache,
+                          pm=build_plugin_manager(load_entrypoints=False, extra=[SparseAtFive()]))
+    assert not reaches_sparse_step(engine, 0, 5) and reaches_sparse_step(engine, 0, 6)
+    assert not reaches_sparse_step(engine, 6, 100)

@@ -33,8 +33,8 @@ def test_yaml_is_llamafactory_sft_that_regate_trains(yaml: Path) -> None:
 
     args = _read_args([str(yaml), "dataset=mllm_demo", "dataset_dir=data", "output_dir=out", "bf16=false"])
     parser = HfArgumentParser([ModelArguments, DataArguments, TrainingArguments, FinetuningArguments, GeneratingArguments])
-    model_args, data_args, _, finetuning_args, _ = parser.parse_dict(args, allow_extra_keys=False)
-    assert refusal(data_args, finetuning_args) is None
+    model_args, data_args, training_args, finetuning_args, _ = parser.parse_dict(args, allow_extra_keys=False)
+    assert refusal(data_args, training_args, finetuning_args) is None
     assert finetuning_args.finetuning_type == yaml.stem.rsplit("_", 1)[1]
     assert (data_args.template, model_args.model_name_or_path) == (
         ("qwen2_vl", "Qwen/Qwen2.5-VL-7B-Instruct") if yaml.stem.startswith("qwen") else ("intern_vl", "OpenGVLab/InternVL3_5-8B-HF"))
