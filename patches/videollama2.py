@@ -250,8 +250,8 @@ class _TextOnly:
         ids, embeds, labels = self._merged(record)
         return (ids if embeds is None else self.carrier.context_ids(embeds)), labels
 
-    def _merged(self, record: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(unmerged ids, carrier embeddings or None for upstream's text-only shortcut, labels) of one record."""
+    def _merged(self, record: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """(ids, None, labels) for upstream's text-only shortcut, else (None, carrier embeddings, labels)."""
         from videollama2.train import preprocess, preprocess_multimodal, preprocess_plain
 
         # As LazySupervisedDataset.__getitem__ does, without reading the file.
@@ -271,7 +271,9 @@ class _TextOnly:
         input_ids, _, _, embeds, labels = self.merge(
             self.carrier, batch["input_ids"], batch["attention_mask"], None, batch["labels"], batch["images"]
         )
-        return input_ids[0], None if embeds is None else embeds[0], labels[0]
+        if embeds is None:  # upstream's text-only shortcut returns the ids unmerged
+            return input_ids[0], None, labels[0]
+        return None, embeds[0], labels[0]
 
 
 def _dataset_field(data_args, num_samples: int, tokenizer, probe: str) -> str:

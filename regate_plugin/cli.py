@@ -343,11 +343,20 @@ def train_command(target: str, enabled: bool, ref_cache: Path | None, packing_on
     close_process_group()
 
 
+# Framework targets whose own arguments choose the attention of unpacked forwards (their launch refuses
+# --attn-implementation): where the setting is read from.
+FRAMEWORK_ATTENTION = {
+    "llamafactory": "flash_attn in the YAML (LLaMA-Factory's own setting)",
+    "swift": "--attn_impl among ms-swift's arguments",
+}
+
+
 def upstream_attention(target: str, requested: str | None) -> str:
-    """The attention implementation upstream's own (unpacked) forwards will use, as the launch resolves it."""
-    if target == "llamafactory":
-        return ("refused: set flash_attn in the YAML" if requested else
-                "flash_attn from the YAML (LLaMA-Factory's own setting)")
+    """The attention implementation upstream's own (unpacked) forwards will use, as the launch resolves it
+    (a framework target: where its own setting is read from)."""
+    if target in FRAMEWORK_ATTENTION:
+        where = FRAMEWORK_ATTENTION[target]
+        return f"refused: --attn-implementation does not apply here, set {where.split(' (')[0]}" if requested else where
     from regate_plugin.patches.upstream import resolved_attn_implementation
 
     return resolved_attn_implementation(requested)

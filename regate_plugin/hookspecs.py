@@ -37,7 +37,9 @@ class Target:
     name: the ``--target`` value; summary: one line for ``regate targets``;
     requirement: None when the codebase and its versions are importable here, else what to install;
     apply: patches the codebase in this process for a config and a reference-cache path (None:
-    packing only); idempotent. None for targets enabled from the user's own script;
+    packing only); idempotent; it may take the keyword ``resume_without_state`` (``regate train
+    --resume-without-regate-state``; a target without it refuses that flag). None for targets
+    enabled from the user's own script;
     launch: runs the codebase's own training entry point in this process on its command-line
     arguments and an attention implementation (None: the target's default);
     scoring_source: builds the teacher pass's ``ScoringSource`` from the arguments after ``--`` of

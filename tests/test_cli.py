@@ -240,8 +240,10 @@ class BlindTeacher(torch.nn.Module):
 
 
 def readme_command(prefix):
-    """The README's command line that starts with ``prefix`` (backslash continuations joined)."""
-    text = (Path(__file__).parents[1] / "README.md").read_text().replace("\\\n", " ")
+    """The first command line of README.md or docs/ that starts with ``prefix`` (backslash continuations joined)."""
+    root = Path(__file__).parents[1]
+    pages = [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+    text = "\n".join(page.read_text() for page in pages).replace("\\\n", " ")
     return shlex.split(next(line for line in text.splitlines() if line.strip().startswith(prefix)))
 
 
@@ -251,7 +253,7 @@ def test_readme_inspect_example_shows_the_image_words_first(tmp_path):
     from regate_plugin.patches import hf
     from regate_plugin.scoring import score_dataset
 
-    demo_line = readme_command("regate demo ")
+    demo_line = readme_command("regate demo --steps 40 --work ")  # docs/results/demo.md
     work = Path(demo_line[demo_line.index("--work") + 1])
     tokenizer = task.build_tokenizer()
     vocab = tokenizer.get_vocab()
@@ -264,7 +266,7 @@ def test_readme_inspect_example_shows_the_image_words_first(tmp_path):
     score_dataset(source, BlindTeacher(len(vocab), [vocab[w] for w in image_words]), tmp_path / "refcache",
                   batch_size=512, shard_size=4096, progress=False)
 
-    args = [arg.replace(str(work), str(tmp_path)) for arg in readme_command("regate inspect ")[1:]]
+    args = [arg.replace(str(work), str(tmp_path)) for arg in readme_command(f"regate inspect {work}/")[1:]]
     result = CliRunner().invoke(cli.main, args)
     assert result.exit_code == 0, result.output
     most = result.output.split("most vision-dependent")[1].split("least vision-dependent")[0]
@@ -287,10 +289,11 @@ def test_targets_fit_100_columns_and_mark_refused_classes():
     assert max(len(line) for line in lines) <= 100, max(lines, key=len)
     for adapter in ADAPTERS:
         row = next(line for line in lines if line.split()[:1] == [adapter.cls])
-        status = row.split()[2]
-        assert status == ("trains" if adapter.cls in hf.SUPPORTED else "refused"), row
-    assert next(line for line in lines if "Gemma3ForConditionalGeneration" in line).split()[2] == "refused"
-    assert sum(line.split()[2:3] == ["trains"] for line in lines) == len(hf.SUPPORTED) >= 10
+        status = row.split()[1]
+        assert status == (adapter.transformers if adapter.cls in hf.SUPPORTED else "refused"), row
+        assert row.endswith(adapter.family)
+    assert next(line for line in lines if "Gemma3ForConditionalGeneration" in line).split()[1] == "refused"
+    assert sum(line.split()[1:2] == ["refused"] for line in lines) == len(ADAPTERS) - len(hf.SUPPORTED) >= 1
 
 
 class UninstalledTarget:
@@ -330,8 +333,10 @@ def test_dry_run_says_the_target_is_not_installed_and_which_attention_runs(monke
                                                 "a CUDA device, the tensors are on cpu: use sdpa")
     resolved, _ = dry_run(monkeypatch, "--no-regate")
     assert resolved["packed_attention"] is None and resolved["mode"] == "upstream (no ReGATE)"
-    assert cli.upstream_attention("llamafactory", None) == "flash_attn from the YAML (LLaMA-Factory's own setting)"
-    assert cli.upstream_attention("llamafactory", "sdpa") == "refused: set flash_attn in the YAML"
+    assert cli.upstream_attention("llamafactory", None) == "flash_attn in the YAML (LLaMA-Factory's own setting)"
+    assert cli.upstream_attention("llamafactory", "sdpa") == (
+        "refused: --attn-implementation does not apply here, set flash_attn in the YAML")
+    assert cli.upstream_attention("swift", None) == "--attn_impl among ms-swift's arguments"
 
 
 def test_hf_train_names_the_page_to_read():

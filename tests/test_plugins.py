@@ -247,7 +247,7 @@ def test_active_plugins_are_logged_once_and_saved_with_the_state(tmp_path, monke
         engine.end_step()
     assert [r.getMessage() for r in caplog.records if r.name == PLUGIN_LOG] == [
         f"ReGATE plugins: regate.defaults {OURS}, step_logger (step-logger 2.0), hf {OURS}, llamafactory {OURS}, "
-        f"llava {OURS}, videollama2 {OURS}, test_plugins.KeepFirst"
+        f"llava {OURS}, swift {OURS}, videollama2 {OURS}, test_plugins.KeepFirst"
     ]
 
     path = save_state(engine, tmp_path / "checkpoint-1")
@@ -259,6 +259,7 @@ def test_active_plugins_are_logged_once_and_saved_with_the_state(tmp_path, monke
         {"name": "hf", **ours},
         {"name": "llamafactory", **ours},
         {"name": "llava", **ours},
+        {"name": "swift", **ours},
         {"name": "videollama2", **ours},
         {"name": "test_plugins.KeepFirst", "distribution": None, "version": None},
     ]
@@ -310,5 +311,5 @@ def test_two_engines_with_their_own_strategies_leave_the_process_default_alone(c
     assert default_plan.unit_keep.sum() == 2 + 1 + 3  # ceil(0.5 * n) of 4, 2 and 5 units
     assert default.pm is plugin_manager()
     assert [name for name, _ in plugin_manager().list_name_plugin()] == [
-        "regate.defaults", "hf", "llamafactory", "llava", "videollama2"
+        "regate.defaults", "hf", "llamafactory", "llava", "swift", "videollama2"
     ]

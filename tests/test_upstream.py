@@ -1,6 +1,8 @@
 """What the LLaVA-family targets share (patches/upstream.py), checked without their codebases:
 a second launch in one process runs with its own settings, and the engine lives on the model."""
 
+import logging
+
 import torch
 
 from regate_plugin import ReGATEConfig
@@ -20,12 +22,14 @@ class Trainer:
         self.model = model
 
 
-def test_relaunch_swaps_the_settings_and_each_model_holds_its_own_engine(monkeypatch):
+def test_relaunch_swaps_the_settings_and_each_model_holds_its_own_engine(monkeypatch, caplog):
     attached = []
-    monkeypatch.setattr(regate_trainer, "attach", lambda trainer, engine: attached.append((trainer, engine)))
+    monkeypatch.setattr(regate_trainer, "attach", lambda trainer, engine, **options: attached.append((trainer, engine)))
     checked = []
     first, second = ReGATEConfig(keep_ratio=0.25), ReGATEConfig(keep_ratio=0.75)
-    upstream.wrap(Trainer, "__init__", upstream.trainer_init(first, None, expected=None))
+    with caplog.at_level(logging.INFO, logger="regate_plugin.patches.upstream"):
+        upstream.wrap(Trainer, "__init__", upstream.trainer_init(first, None, expected=None))
+    assert caplog.messages == [f"ReGATE patched {__name__}.Trainer.__init__"]  # what a launch patched, at INFO
     original = Trainer.__init__._regate_original
     upstream.wrap(Trainer, "__init__", upstream.trainer_init(second, None, expected=None, check=checked.append))
     assert Trainer.__init__._regate_original is original  # wrapped once, the replacement swapped

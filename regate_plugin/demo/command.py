@@ -99,7 +99,8 @@ def command(steps: int | None, seed: int, out: Path | None, work: Path | None, a
       5. a table of tokens, seconds and held-out accuracy on the image words, written with
          demo.png (accuracy against supervised tokens and training seconds) and demo.json into
          --out, by default a new folder ./regate-demo-<date>-<time>, named at the end.
-    The default run took 4-5 minutes on two CPU cores shared with other jobs.
+    The default run took 4-8 minutes on two CPU cores shared with other jobs (measured: 4 min 13 s, and
+    7 min 51 s at load average 5).
 
     With --arms, the frontier instead: final accuracy against the share of dense's supervised
     tokens for every arm and keep ratio (dense; regate, the paper's; random, ema-only, ref-only: its
