@@ -8,7 +8,7 @@ model runs with our varlen attention. The loss is evaluated on kept supervised r
 differs per class (where the text model is, side inputs to pack, what is refused) is the class's
 entry in ``hf_models.ADAPTERS``.
 
-The training-forward contract (README, "The packed training forward"): the output holds the loss,
+The training-forward contract (docs/concepts/composing.md, "The packed training forward"): the output holds the loss,
 ``logits`` is None and there is no cache; asking for hidden states, attentions or a cache in a
 training forward with labels is an error (the packed row does not map back to the batch's shape).
 Everything else (eval, generation, forwards without labels, the config, copies) is upstream's own.

@@ -73,11 +73,11 @@ def bidirectional_image_blocks(model: torch.nn.Module) -> str | None:
 class Adapter:
     """One supported class.
 
-    cls: the class name, matched anywhere in the model's MRO; family: the README's name for it;
+    cls: the class name, matched anywhere in the model's MRO; family: the docs' name for it;
     transformers: the range it is supported and tested on; text_model / lm_head: where they are;
     side_inputs: packs the text-model keywords that hold per-position inputs besides embeddings,
     mask and positions; refuse: a reason the packed path cannot train this model, or None;
-    tests: how it is tested (``regate targets`` and the README table print it).
+    tests: how it is tested (``regate targets`` and the docs' class table print it).
     """
 
     cls: str

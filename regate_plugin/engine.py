@@ -13,6 +13,7 @@ tensors, and only the packing plan goes to the model's device. No per-layer or p
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
@@ -23,6 +24,7 @@ import pluggy
 import torch
 import torch.distributed as dist
 
+from .budget import KeepController
 from .collectives import collective_device, is_multi_rank
 from .config import ReGATEConfig
 from .ema import EMATable
@@ -31,15 +33,18 @@ from .hookspecs import StepStats
 from .loss import chunk_count, kept_token_loss
 from .packing import Packed, pack_plan, trim_to_loss
 from .plugins import (
+    PluginError,
     active_plugins,
     check_plugins,
     checked_keep_ratio,
     checked_scores,
     checked_selection,
+    describe,
     first_result,
     log_active_plugins,
     plugin_manager,
 )
+from . import defaults
 from .identity import sample_change, sample_digests
 from .refcache import RefCache
 from .selection import keep_mask_for
@@ -112,6 +117,9 @@ class ReGATEEngine:
         )
         # the word table costs a step's bookkeeping (and a collective on several ranks): kept only for the score reading it
         self.words = WordProgress() if refcache is not None and config.score == "learnable" else None
+        self.budget = None if self.ema is None or not config.auto_keep else KeepController(self.ema.values.numel(), config)
+        if self.budget is not None:
+            _refuse_keep_ratio_plugins(self.pm)
         self.step = 0
         self._totals = [0, 0, 0, 0]  # supervised_total, supervised_kept, llm_tokens, padded_tokens
         self._planned = 0  # micro-batches planned in this optimizer step
@@ -124,6 +132,8 @@ class ReGATEEngine:
     def keep_ratio(self) -> float:
         if self.packing_only:
             return 1.0
+        if self.budget is not None:
+            return self.budget.ratio_at(self.step)
         answer = first_result(self.pm, "regate_keep_ratio", step=self.step, config=self.config)
         return checked_keep_ratio(*answer, step=self.step)
 
@@ -165,6 +175,8 @@ class ReGATEEngine:
             scores = checked_scores(*answer, n=len(units))
             answer = first_result(self.pm, "regate_select", scores=scores, units=units, keep_ratio=ratio, config=self.config)
             unit_keep = checked_selection(*answer, units=units, per_sample=self.config.selection != "per_batch")
+            if self.budget is not None:
+                self.budget.elided(flat[~unit_keep])
         scored = keep_mask_for(attention_mask, units, unit_keep)
         # elision "loss": elided units stay as input, only their loss terms go
         fed = scored if self.config.elision == "input" else keep_mask_for(attention_mask, units, torch.ones_like(unit_keep))
@@ -242,7 +254,10 @@ class ReGATEEngine:
         self._planned = 0
         if not self.packing_only:
             self._queue_losses()
-            inits = self.ema.commit(group)
+            observe = None if self.budget is None else functools.partial(self.budget.observe, self.step)
+            inits = self.ema.commit(group, observe=observe)
+            if self.budget is not None:
+                self.budget.end_step(self.step, group)
             if self.words is not None:
                 self.words.commit(group)
             if self.online:
@@ -258,7 +273,8 @@ class ReGATEEngine:
             raise RuntimeError("ReGATEEngine.state_dict() called with losses of an unfinished step: call end_step() first")
         ema = None if self.packing_only else self.ema.state_dict()
         words = None if self.words is None else self.words.state_dict()
-        return {"step": self.step, "ema": ema, "words": words, "config": self.config.to_dict(),
+        budget = None if self.budget is None else self.budget.state_dict()
+        return {"step": self.step, "ema": ema, "words": words, "budget": budget, "config": self.config.to_dict(),
                 "plugins": active_plugins(self.pm)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -270,6 +286,10 @@ class ReGATEEngine:
             self.words = WordProgress()
             if state.get("words") is not None:
                 self.words.load_state_dict(state["words"])
+        if self.budget is not None:  # likewise: a state saved without the auto keep ratio starts it afresh
+            self.budget = KeepController(self.ema.values.numel(), self.config)
+            if state.get("budget") is not None:
+                self.budget.load_state_dict(state["budget"])
         self._losses.clear()
         self._planned = 0
         self.step = int(state["step"])
@@ -311,7 +331,7 @@ class ReGATEEngine:
         if sample_ids is None:
             raise BatchError(
                 "ReGATE is on but the batch carries no sample indices: wrap the dataset and collator "
-                "as the target's README shows, so every sample's dataset index reaches the model"
+                "as the target's page in docs/targets/ shows, so every sample's dataset index reaches the model"
             )
         sample_ids = torch.as_tensor(sample_ids).reshape(-1).cpu().long()
         if sample_ids.numel() != batch:
@@ -345,6 +365,16 @@ class ReGATEEngine:
                 "does not match the sample; rebuild the cache for this setup"
             )
         return sample_ids
+
+
+def _refuse_keep_ratio_plugins(pm: pluggy.PluginManager) -> None:
+    """``keep_ratio="auto"`` sets the keep ratio itself: a plugin's ``regate_keep_ratio`` would be unused."""
+    others = [impl.plugin for impl in pm.hook.regate_keep_ratio.get_hookimpls() if impl.plugin is not defaults]
+    if others:
+        raise PluginError(
+            f"plugin {describe(pm, others[0])} sets the keep ratio (regate_keep_ratio), and keep_ratio='auto' sets it "
+            "too: give a fixed keep ratio, or run without that plugin"
+        )
 
 
 def _is_partitioned(module: torch.nn.Module) -> bool:
