@@ -18,15 +18,16 @@ import click
 from . import __version__
 from .attention import BackendUnavailable, UnsupportedAttention
 from .collectives import close_process_group
-from .config import ATTN_BACKENDS, ELISIONS, SCORES, SELECTIONS, ConfigError, ReGATEConfig
+from .config import ATTN_BACKENDS, AUTO, ELISIONS, SCORES, SELECTIONS, ConfigError, ReGATEConfig
 from .engine import BatchError, BypassError
 from .hookspecs import TargetRefusal
 from .plugins import PluginError, targets
 from .refcache import RefCache, RefCacheError
-from .schedule import sparse_step_count, token_share
+from .schedule import sparse_ceiling, sparse_step_count, token_share
 
 _HELP = {
-    "keep_ratio": "Share of supervised tokens kept on sparse steps (p_keep).",
+    "keep_ratio": "Share of supervised tokens kept on sparse steps (p_keep), or auto: each cycle's dense steps "
+    "set it within --keep-min/--keep-max, lower while the tokens elided keep up with the kept ones.",
     "cycle": "Length C of a dense/sparse cycle, in optimizer steps.",
     "dense_steps": "Dense steps F at the start of every cycle (they refresh the EMA).",
     "warmup": "All-dense optimizer steps before the first cycle.",
@@ -42,8 +43,27 @@ _HELP = {
     "their loss goes (no saving; measures what the holes in the context cost).",
     "attn_backend": "Varlen attention backend (env REGATE_ATTN_BACKEND overrides).",
     "loss_chunk_rows": "LM-head rows evaluated at once.",
+    "keep_min": "--keep-ratio auto: the least keep ratio it may choose.",
+    "keep_max": "--keep-ratio auto: the most keep ratio it may choose (and its first).",
 }
 _CHOICES = {"selection": SELECTIONS, "score": SCORES, "elision": ELISIONS, "attn_backend": ATTN_BACKENDS}
+
+
+class KeepRatio(click.ParamType):
+    """A keep ratio: a number, or ``auto`` (ReGATEConfig checks the range)."""
+
+    name = "RATIO|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float | str:
+        if isinstance(value, (int, float)) or value == AUTO:
+            return value
+        try:
+            return float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor {AUTO!r}", param, ctx)
+
+
+_TYPES: dict[str, click.ParamType] = {"keep_ratio": KeepRatio()}
 
 
 def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -60,7 +80,7 @@ def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
         return command(**kwargs)
 
     for f in reversed(fields):
-        kind = click.Choice(_CHOICES[f.name]) if f.name in _CHOICES else f.type
+        kind = click.Choice(_CHOICES[f.name]) if f.name in _CHOICES else _TYPES.get(f.name, f.type)
         kind = {"float": float, "int": int, "str": str}.get(kind, kind) if isinstance(kind, str) else kind
         option = click.option(
             "--" + f.name.replace("_", "-"), f.name, type=kind, default=f.default, show_default=True, help=_HELP[f.name]
@@ -134,6 +154,13 @@ def show_schedule(steps: int, as_json: bool, config: ReGATEConfig) -> None:
     summary = {"steps": steps, "dense_steps": steps - sparse, "sparse_steps": sparse, "token_share": share}
     if as_json:
         click.echo(json.dumps({**summary, "config": config.to_dict()}, indent=2))
+        return
+    if config.auto_keep:
+        click.echo(
+            f"{steps} steps: {steps - sparse} dense, {sparse} sparse at keep ratio auto (each cycle's, within "
+            f"{config.keep_min:g}-{config.keep_max:g})\nsupervised tokens trained: at most {share:.1%} of dense training "
+            f"(at keep {sparse_ceiling(config):g} throughout; before per-sample rounding up)"
+        )
         return
     click.echo(
         f"{steps} steps: {steps - sparse} dense, {sparse} sparse at keep ratio {config.keep_ratio:g}\n"

@@ -11,6 +11,7 @@ SELECTIONS = ("per_sample", "per_batch", "adaptive")
 SCORES = ("paper", "ref_only", "learnable")
 ELISIONS = ("input", "loss")
 ATTN_BACKENDS = ("auto", "flash4", "flash", "torch", "sdpa")
+AUTO = "auto"  # keep_ratio set per cycle by the controller of ``budget``
 
 
 class ConfigError(ValueError):
@@ -21,7 +22,9 @@ class ConfigError(ValueError):
 class ReGATEConfig:
     """Settings of one ReGATE run (defaults: arXiv 2507.21420).
 
-    keep_ratio: share of supervised units kept on a sparse step (p_keep).
+    keep_ratio: share of supervised units kept on a sparse step (p_keep), or ``"auto"``: each cycle's
+        dense steps set its sparse steps' ratio within [keep_min, keep_max] (``budget.KeepController``).
+    keep_min, keep_max: the bounds of ``keep_ratio="auto"``.
     cycle: length C of a dense/sparse cycle, in optimizer steps.
     dense_steps: the first F steps of every cycle are dense (they refresh the EMA).
     warmup: optimizer steps that are all dense before the first cycle starts.
@@ -44,7 +47,7 @@ class ReGATEConfig:
     loss_chunk_rows: rows of the LM head evaluated at once, so long answers never hold all logits.
     """
 
-    keep_ratio: float = 0.5
+    keep_ratio: float | str = 0.5
     cycle: int = 128
     dense_steps: int = 16
     warmup: int = 100
@@ -57,9 +60,14 @@ class ReGATEConfig:
     elision: str = "input"
     attn_backend: str = "auto"
     loss_chunk_rows: int = 4096
+    keep_min: float = 0.1
+    keep_max: float = 0.5
 
     def __post_init__(self) -> None:
-        _check_real("keep_ratio", self.keep_ratio, "(0, 1]", lambda v: 0.0 < v <= 1.0)
+        if self.keep_ratio != AUTO:
+            _check_real("keep_ratio", self.keep_ratio, f"(0, 1] or {AUTO!r}", lambda v: 0.0 < v <= 1.0)
+        _check_real("keep_min", self.keep_min, "(0, 1]", lambda v: 0.0 < v <= 1.0)
+        _check_real("keep_max", self.keep_max, f"[keep_min={self.keep_min}, 1]", lambda v: self.keep_min <= v <= 1.0)
         _check_int("cycle", self.cycle, ">= 1", lambda v: v >= 1)
         _check_int("dense_steps", self.dense_steps, f"[0, cycle={self.cycle}]", lambda v: 0 <= v <= self.cycle)
         _check_int("warmup", self.warmup, ">= 0", lambda v: v >= 0)
@@ -72,6 +80,11 @@ class ReGATEConfig:
         _check_choice("elision", self.elision, ELISIONS)
         _check_choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
         _check_int("loss_chunk_rows", self.loss_chunk_rows, ">= 1", lambda v: v >= 1)
+
+    @property
+    def auto_keep(self) -> bool:
+        """Whether the keep ratio is set per cycle (``keep_ratio="auto"``)."""
+        return self.keep_ratio == AUTO
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -184,8 +184,10 @@ class QA:
     free: tuple[bool, ...]
 
 
-def ask(scene: Scene, qtype: str, phrasing: int, rng: np.random.Generator) -> QA:
-    """The answer to a question about ``scene``; each free word drawn uniformly with ``rng``."""
+def ask(scene: Scene, qtype: str, phrasing: int, rng: np.random.Generator, free_words: bool = True) -> QA:
+    """The answer to a question about ``scene``; each free word drawn uniformly with ``rng``.
+    ``free_words=False``: the task without them, each slot always its first word (drawn all the
+    same, so the scenes and pictures are the task's own), which the text then predicts."""
     question, template = TEMPLATES[qtype][phrasing]
     answer, slots, free = [], [], []
     for word in template.split():
@@ -194,11 +196,12 @@ def ask(scene: Scene, qtype: str, phrasing: int, rng: np.random.Generator) -> QA
             answer.append(scene.slot(name))
         elif word.startswith("["):
             choices = word[1:-1].split("|")
-            answer.append(choices[int(rng.integers(0, len(choices)))])
+            drawn = int(rng.integers(0, len(choices)))
+            answer.append(choices[drawn if free_words else 0])
         else:
             answer.append(word)
         slots.append(word[1:-1] if word.startswith("{") else None)
-        free.append(word.startswith("["))
+        free.append(word.startswith("[") and free_words)
     return QA(tuple(question.split()), tuple(answer), tuple(slots), tuple(free))
 
 
@@ -278,17 +281,18 @@ def collate(samples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, tor
     return batch
 
 
-def generate(size: int, rng: np.random.Generator) -> list[tuple[Scene, QA, np.ndarray]]:
-    """``size`` samples: uniform question type and phrasing, uniform scene attributes."""
+def generate(size: int, rng: np.random.Generator, free_words: bool = True) -> list[tuple[Scene, QA, np.ndarray]]:
+    """``size`` samples: uniform question type and phrasing, uniform scene attributes (``free_words``: see ``ask``)."""
     samples = []
     for _ in range(size):
         scene = random_scene(rng)
-        qa = ask(scene, str(rng.choice(QUESTION_TYPES)), int(rng.integers(0, 2)), rng)
+        qa = ask(scene, str(rng.choice(QUESTION_TYPES)), int(rng.integers(0, 2)), rng, free_words)
         samples.append((scene, qa, draw(scene, rng)))
     return samples
 
 
-def generate_balanced(per_type: int, rng: np.random.Generator) -> list[tuple[Scene, QA, np.ndarray]]:
+def generate_balanced(per_type: int, rng: np.random.Generator,
+                      free_words: bool = True) -> list[tuple[Scene, QA, np.ndarray]]:
     """A held-out set in which, for every question type, each value of each slot occurs equally
     often (``per_type`` a multiple of 12, for 6 colours, 4 shapes, counts and corners, 2 phrasings):
     a model that ignores the picture gives one answer to all the pictures of a question, so it
@@ -305,5 +309,5 @@ def generate_balanced(per_type: int, rng: np.random.Generator) -> list[tuple[Sce
         for color, shape, count, corner, phrasing in columns:
             scene = random_scene(rng, color=list(COLORS)[color], shape=SHAPES[shape], count=int(count) + 1,
                                  corner=int(corner))
-            samples.append((scene, ask(scene, qtype, int(phrasing), rng), draw(scene, rng)))
+            samples.append((scene, ask(scene, qtype, int(phrasing), rng, free_words), draw(scene, rng)))
     return samples

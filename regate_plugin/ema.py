@@ -8,7 +8,7 @@ a run with N ranks updates exactly as one rank with N-fold gradient accumulation
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -67,9 +67,13 @@ class EMATable:
         self.values[flat_index[unset]] = values[unset].to(torch.float32)
         self._pending_init.append((flat_index.cpu(), values.cpu().to(torch.float32)))
 
-    def commit(self, group: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def commit(self, group: Any = None,
+               observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exchange the step's queued starting values and updates across ranks, apply them in rank
-        order, and return the starting values gathered (for the online cache of every rank)."""
+        order, and return the starting values gathered (for the online cache of every rank).
+        ``observe(index, losses, values_before)``: sees every rank's updates, in rank order, before
+        they apply (the auto keep ratio's measurement)."""
         init_index, init_values = _concat([i for i, _ in self._pending_init], [v for _, v in self._pending_init])
         index, loss = _concat(self._pending_index, self._pending_loss)
         self._pending_index.clear()
@@ -81,6 +85,8 @@ class EMATable:
             index, loss = all_gather_updates(index, loss, group=group)
         unset = torch.isnan(self.values[init_index])
         self.values[init_index[unset]] = init_values[unset]
+        if observe is not None:
+            observe(index, loss, self.values[index])
         self.apply(index, loss)
         return init_index, init_values
 

@@ -25,6 +25,8 @@ class RunLog:
     llm_tokens: list[int]
     padded_tokens: list[int]
     estimate: dict[str, Any] | None = None  # the saved ``regate estimate`` document, if any
+    #: ``keep_ratio="auto"``: the ratio the latest cycle chose for its sparse steps, per entry (None: a fixed ratio)
+    auto_keep_ratio: list[float] | None = None
 
 
 def find_state(run_dir: Path) -> Path:
@@ -66,6 +68,7 @@ def read_run(run_dir: Path) -> RunLog:
         llm_tokens=column("regate/llm_tokens"),
         padded_tokens=column("regate/padded_tokens"),
         estimate=json.loads((run_dir / ESTIMATE_NAME).read_text()) if (run_dir / ESTIMATE_NAME).is_file() else None,
+        auto_keep_ratio=column("regate/auto_keep_ratio") if any("regate/auto_keep_ratio" in e for e in entries) else None,
     )
 
 
@@ -83,6 +86,9 @@ def summary(run: RunLog) -> dict[str, Any]:
         "padded_tokens": padded,
         "llm_share": llm / padded if padded else 1.0,
     }
+    if run.auto_keep_ratio is not None:
+        chosen = [r for r in run.auto_keep_ratio if r == r]  # entries before the metric existed are NaN
+        facts["auto_keep_ratio"] = {"first": chosen[0], "last": chosen[-1], "min": min(chosen), "max": max(chosen)}
     if run.estimate is not None:
         facts["estimate"] = estimated(run.estimate, packing_only=all(r == 1.0 for r in run.keep_ratio))
     return facts
@@ -118,6 +124,10 @@ def format_summary(facts: dict[str, Any]) -> str:
         f"LLM tokens            {facts['llm_tokens']:,} processed vs {facts['padded_tokens']:,} in padded "
         f"batches ({facts['llm_share']:.1%}{beside('llm_share')})",
     ]
+    if "auto_keep_ratio" in facts:
+        auto = facts["auto_keep_ratio"]
+        lines.append(f"auto keep ratio       {auto['first']:.3g} (first logged) -> {auto['last']:.3g} (last), "
+                     f"between {auto['min']:.3g} and {auto['max']:.3g}")
     if guess is not None:
         inputs = guess["setup"]
         lines.append(
@@ -138,7 +148,11 @@ def plot(run: RunLog, path: Path) -> Path:
     fig, (ax_loss, ax_ratio, ax_tokens) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
     ax_loss.plot(run.steps, run.loss, color="tab:blue")
     ax_loss.set_ylabel("training loss")
-    ax_ratio.step(run.steps, run.keep_ratio, where="pre", color="tab:orange")
+    ax_ratio.step(run.steps, run.keep_ratio, where="pre", color="tab:orange", label="mean over the logged steps")
+    if run.auto_keep_ratio is not None:
+        ax_ratio.step(run.steps, run.auto_keep_ratio, where="post", color="tab:red",
+                      label="auto: the cycle's choice for its sparse steps")
+        ax_ratio.legend(loc="upper right", fontsize="small")
     ax_ratio.set_ylabel("keep ratio")
     ax_ratio.set_ylim(0, 1.05)
     for label, values, style in [

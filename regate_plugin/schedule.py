@@ -2,7 +2,10 @@
 
 Dense for the first ``warmup`` steps; then cycles of length ``cycle`` whose first ``dense_steps``
 steps are dense (they refresh the EMA) and the rest keep ``keep_ratio`` of the supervised units.
-The cycle phase is ``(step - warmup) mod cycle`` (project choice).
+The cycle phase is ``(step - warmup) mod cycle`` (project choice). With ``keep_ratio="auto"`` the
+engine's ``budget.KeepController`` picks each cycle's ratio within [keep_min, keep_max]; what is
+computed here before training (the hook's default answer, token shares, estimates) uses
+``keep_max``, the most it can spend.
 """
 
 from __future__ import annotations
@@ -20,7 +23,12 @@ def keep_ratio_at(step: int, config: ReGATEConfig) -> float:
     """Share of supervised units kept at optimizer step ``step`` (0-based): 1.0 on dense steps."""
     if step < 0:
         raise ValueError(f"optimizer step must be >= 0, got {step}")
-    return 1.0 if is_dense_step(step, config) else config.keep_ratio
+    return 1.0 if is_dense_step(step, config) else sparse_ceiling(config)
+
+
+def sparse_ceiling(config: ReGATEConfig) -> float:
+    """The keep ratio of a sparse step, or with ``keep_ratio="auto"`` the most it can be (keep_max)."""
+    return config.keep_max if config.auto_keep else float(config.keep_ratio)
 
 
 def sparse_step_count(num_steps: int, config: ReGATEConfig) -> int:
@@ -33,5 +41,5 @@ def sparse_step_count(num_steps: int, config: ReGATEConfig) -> int:
 
 def token_share(num_steps: int, config: ReGATEConfig) -> float:
     """Share of dense training's supervised units that a ``num_steps`` run keeps (the mean keep
-    ratio; per-sample rounding up adds a little on top)."""
-    return (num_steps - sparse_step_count(num_steps, config) * (1.0 - config.keep_ratio)) / num_steps
+    ratio; per-sample rounding up adds a little on top; with ``keep_ratio="auto"`` its most)."""
+    return (num_steps - sparse_step_count(num_steps, config) * (1.0 - sparse_ceiling(config))) / num_steps

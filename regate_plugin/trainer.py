@@ -24,7 +24,8 @@ from .collectives import collective_device, is_multi_rank
 from .hookspecs import TargetRefusal
 from . import defaults
 from .plugins import checked_keep_ratio, first_result, warn_on_plugin_change
-from .schedule import sparse_step_count
+from .config import ReGATEConfig
+from .schedule import sparse_ceiling, sparse_step_count
 from .wrappers import student
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,8 @@ class ReGATECallback(TrainerCallback):
             totals = _sum_across_ranks([self._interval[name] for name in METRICS])
             self.pending = {f"regate/{name}": value for name, value in zip(METRICS, totals)}
             self.pending["regate/keep_ratio"] = sum(self._ratios) / len(self._ratios)
+            if self.engine.budget is not None:  # keep_ratio="auto": the ratio its latest cycle chose for the sparse steps
+                self.pending["regate/auto_keep_ratio"] = self.engine.budget.ratio
             self._interval = {name: 0 for name in METRICS}
             self._ratios = []
 
@@ -258,7 +261,8 @@ def load_state(engine: ReGATEEngine, checkpoint: Path) -> None:
             "resume_without_state=True)): EMA from the reference losses, schedule from the resumed step"
         )
     state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = state["config"]
+    # a setting added after the state was saved counts as its default: such a run trained with it
+    saved = {**ReGATEConfig().to_dict(), **state["config"]}
     current = engine.config.to_dict()
     changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v and k != "attn_backend"}
     if changed:
@@ -277,8 +281,9 @@ def warn_if_never_sparse(engine: ReGATEEngine, start: int, stop: int) -> None:
     config = engine.config
     logger.warning(
         "ReGATE: none of this run's optimizer steps %d-%d is sparse (warmup %d, then %d dense steps of every %d-step "
-        "cycle, keep ratio %g): it trains dense throughout; lower --warmup, or train longer",
-        start + 1, stop, config.warmup, config.dense_steps, config.cycle, config.keep_ratio,
+        "cycle, keep ratio %s): it trains dense throughout; lower --warmup, or train longer",
+        start + 1, stop, config.warmup, config.dense_steps, config.cycle,
+        config.keep_ratio if config.auto_keep else f"{config.keep_ratio:g}",
     )
 
 
@@ -287,7 +292,7 @@ def reaches_sparse_step(engine: ReGATEEngine, start: int, stop: int) -> bool:
     built-in one in closed form, a plugin's asked step by step up to its first sparse step."""
     config = engine.config
     if all(impl.plugin is defaults for impl in engine.pm.hook.regate_keep_ratio.get_hookimpls()):
-        return config.keep_ratio < 1.0 and sparse_step_count(stop, config) > sparse_step_count(start, config)
+        return sparse_ceiling(config) < 1.0 and sparse_step_count(stop, config) > sparse_step_count(start, config)
     for step in range(start, stop):
         ratio, source = first_result(engine.pm, "regate_keep_ratio", step=step, config=config)
         if checked_keep_ratio(ratio, source, step) < 1.0:

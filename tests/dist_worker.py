@@ -85,13 +85,15 @@ def main() -> None:
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--loss-chunk-rows", type=int, default=4096)
     parser.add_argument("--score", default=CONFIG.score)
+    parser.add_argument("--keep-ratio", default=CONFIG.keep_ratio, type=lambda v: v if v == "auto" else float(v))
     args = parser.parse_args()
     rank = int(os.environ.get("RANK", "0"))
 
     model = tiny_model("llava", seed=0)
     if args.resume and not args.deepspeed:
         model = type(model).from_pretrained(args.resume, attn_implementation="sdpa").train()  # see test_hf_trainer
-    engine = RecordingEngine(CONFIG.replace(loss_chunk_rows=args.loss_chunk_rows, score=args.score), RefCache.open(args.cache))
+    engine = RecordingEngine(CONFIG.replace(loss_chunk_rows=args.loss_chunk_rows, score=args.score,
+                                            keep_ratio=args.keep_ratio), RefCache.open(args.cache))
     hf.enable(model, engine)
     training = transformers.TrainingArguments(
         output_dir=str(args.out / "run"), max_steps=args.steps, per_device_train_batch_size=args.batch,
@@ -109,7 +111,8 @@ def main() -> None:
         trainer.add_callback(Slow(args.step_sleep))
     trainer.train(resume_from_checkpoint=args.resume)
     partitioned = any(hasattr(p, "ds_id") for p in model.lm_head.parameters())  # ZeRO-3 shards the LM head
-    write_rank_record(args.out, rank, engine, lm_head_partitioned=partitioned)
+    write_rank_record(args.out, rank, engine, lm_head_partitioned=partitioned,
+                      auto_decisions=None if engine.budget is None else engine.budget.decisions)
     close_process_group()
 
 

@@ -255,6 +255,17 @@ def test_free_words_are_drawn_from_their_choices_and_marked():
         assert words == set(template.strip("[]").split("|")) and len(words) == task.FREE_CHOICES
 
 
+def test_the_task_without_free_words_has_the_same_scenes_and_first_words():
+    with_free = task.generate(60, np.random.default_rng(5))
+    without = task.generate(60, np.random.default_rng(5), free_words=False)
+    for (scene, qa, image), (scene_b, qa_b, image_b) in zip(with_free, without):
+        assert scene == scene_b and np.array_equal(image, image_b) and qa.question == qa_b.question
+        template = next(a for q, a in sum(task.TEMPLATES.values(), ()) if q == " ".join(qa.question)).split()
+        i = qa.free.index(True)
+        assert qa_b.answer[i] == template[i].strip("[]").split("|")[0] and not any(qa_b.free)
+        assert qa_b.answer[:i] + qa_b.answer[i + 1:] == qa.answer[:i] + qa.answer[i + 1:]
+
+
 def _rows(runs):
     return frontier.frontier_rows({frontier.run_key(arm, keep, seed): run for (arm, keep, seed), run in runs.items()})
 
@@ -398,3 +409,42 @@ def test_a_short_run_says_why_its_acceptance_fails():
     assert "[FAIL]" in report
     assert report.endswith("(the acceptance is set for the default 1,600 steps: a 40-step run ends before dense has "
                            "learned every kind of image word, so FAIL is expected here)")
+
+
+def test_auto_arm_runs_once_per_seed_and_reports_its_mean_sparse_ratio():
+    plan = frontier.planned_runs(["dense", "regate", "auto"], [0.25, 0.1], [0, 1])
+    assert plan[:4] == [("dense", 1.0, 0), ("dense", 1.0, 1), ("auto", 0.0, 0), ("auto", 0.0, 1)]
+    assert [r for r in plan if r[0] == "auto"] == plan[2:4]  # not once per keep ratio
+    config = frontier.arm_config("auto", 0.0, 1600)
+    assert config.keep_ratio == "auto" and (config.keep_min, config.keep_max) == (0.1, 0.5)
+    assert frontier.run_key("auto", 0.0, 3) == "auto|auto|3"
+    auto = {**_run([0, 30, 60], [0.2, 0.9, 0.99]), "step_keep_ratios": [1.0, 1.0, 0.5, 0.4, 1.0, 0.2, 0.2]}
+    rows = {r["arm"]: r for r in _rows({("dense", 1.0, 0): _run([0, 100, 200], [0.2, 0.8, 1.0]), ("auto", 0.0, 0): auto})}
+    assert rows["auto"]["keep_ratio"] == pytest.approx(0.325) and rows["auto"]["supervised_share"] == pytest.approx(0.3)
+    assert "auto                 0.325   30.0%     0.990   -1.0" in frontier.format_frontier(list(rows.values()))
+
+
+def test_sweep_with_the_auto_arm_records_its_ratios(tmp_path, monkeypatch):
+    from regate_plugin.demo import runs as demo_runs
+    from regate_plugin.schedule import is_dense_step
+
+    monkeypatch.setattr(demo_runs, "PRETRAIN_STEPS", 5)
+    monkeypatch.setattr(demo_runs, "VISION_STEPS", 5)
+    args = ["demo", "--arms", "dense,auto", "--seeds", "1", "--steps", "80", "--out", str(tmp_path), "--no-progress"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "frontier.json").read_text())
+    run = saved["runs"]["auto|auto|0"]
+    config = frontier.arm_config("auto", 0.0, 80)
+    assert len(run["step_keep_ratios"]) == 80
+    # dense steps at 1.0; every sparse step of a cycle at the ratio its dense steps chose, within the bounds
+    ratios = run["step_keep_ratios"]
+    for step, ratio in enumerate(ratios):
+        assert (ratio == 1.0) == is_dense_step(step, config)
+    for decision in run["auto_decisions"]:
+        assert config.keep_min <= decision["keep_ratio"] <= config.keep_max
+        following = ratios[decision["step"] + 1:decision["step"] + 1 + config.cycle - config.dense_steps]
+        assert following and set(following) == {decision["keep_ratio"]}
+    [row] = [r for r in saved["rows"] if r["arm"] == "auto"]
+    assert row["keep_ratio"] == pytest.approx(frontier.mean_sparse_ratio(run))
+    assert 0.0 < row["supervised_share"] < 1.0

@@ -85,6 +85,22 @@ def zero_config(tmp_path, stage):
     return path
 
 
+def test_auto_keep_ratio_two_ranks_decide_as_one_rank_with_accumulation(tmp_path, cache):
+    """keep_ratio="auto": every rank and the single rank choose the same ratio every cycle."""
+    args = ("--keep-ratio", "auto", "--steps", "12", "--save-steps", "12")
+    records = launch(tmp_path / "two", cache, *args)
+    single = launch(tmp_path / "one", cache, *args, "--accumulation", "2", ranks=1)
+    assert by_step(single) == by_step(records)  # same kept units every step, so the same ratios
+    decisions = [r["auto_decisions"] for r in (*records, *single)]
+    assert decisions[0] == decisions[1]  # bit for bit across ranks
+    assert [d["step"] for d in decisions[0]] == [2, 6, 10]
+    assert [d["keep_ratio"] for d in decisions[0]] == [d["keep_ratio"] for d in decisions[2]]
+    assert None not in (decisions[0][-1]["shed_kept"], decisions[0][-1]["shed_elided"])  # the last cycle measured
+    for mine, theirs in zip(decisions[0], decisions[2]):
+        for key in ("shed_kept", "shed_elided"):
+            assert mine[key] == pytest.approx(theirs[key], abs=1e-5)
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_trains_checkpoints_once_and_resumes_exactly(tmp_path, cache, stage):
     pytest.importorskip("deepspeed")

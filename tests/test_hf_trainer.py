@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from regate_plugin import cli
 from regate_plugin import Fingerprint, ReGATEConfig, ReGATEEngine, RefCache
 from regate_plugin.refcache import write_cache
+from regate_plugin.budget import start_ratio
 from regate_plugin.schedule import keep_ratio_at
 from regate_plugin.selection import keep_quota
 from regate_plugin.trainer import STATE_FILE, IndexedCollator, IndexedDataset, attach
@@ -49,13 +50,13 @@ def cache(tmp_path_factory, dataset):
     return write_cache(tmp_path_factory.mktemp("ref") / "cache", FP, [torch.rand(n, generator=gen) * 5 for n in counts])
 
 
-def run(output_dir, dataset, cache: RefCache, resume_from=None):
+def run(output_dir, dataset, cache: RefCache, resume_from=None, config=CONFIG):
     model = tiny_model("llava", seed=0)
     if resume_from:
         # transformers 5.24's Trainer._load_from_checkpoint skips the key conversion that Llava's saved
         # names need (a warning, and stale weights); from_pretrained applies it.
         model = type(model).from_pretrained(resume_from, attn_implementation="sdpa").train()
-    engine = RecordingEngine(CONFIG, cache)
+    engine = RecordingEngine(config, cache)
     hf.enable(model, engine)
     args = transformers.TrainingArguments(
         output_dir=str(output_dir), max_steps=STEPS, per_device_train_batch_size=2, learning_rate=2e-3,
@@ -135,6 +136,28 @@ def test_report_summarises_the_run(tmp_path, dataset, cache):
     assert facts["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     text = CliRunner().invoke(cli.main, ["report", str(tmp_path / "run")]).output
     assert "supervised tokens" in text and f"{facts['supervised_share']:.1%}" in text
+
+
+def test_auto_keep_ratio_is_logged_per_cycle_and_reported(tmp_path, dataset, cache):
+    config = CONFIG.replace(keep_ratio="auto")
+    trainer, engine = run(tmp_path / "run", dataset, cache, config=config)
+    logged, mean = step_logs(trainer, "regate/auto_keep_ratio"), step_logs(trainer, "regate/keep_ratio")
+    assert sorted(logged) == list(range(1, STEPS + 1))
+    decided = {d["step"]: d["keep_ratio"] for d in engine.budget.decisions}
+    assert sorted(decided) == [5, 11, 17, 23, 29]  # the last dense step of every cycle
+    ratio = start_ratio(config)
+    for step in range(STEPS):  # log entry step + 1 follows optimizer step ``step``
+        dense = keep_ratio_at(step, config) == 1.0
+        assert mean[step + 1] == (1.0 if dense else ratio)
+        ratio = decided.get(step, ratio)
+        assert logged[step + 1] == ratio
+    assert any(d["shed_elided"] is not None for d in engine.budget.decisions)
+    facts = json.loads(CliRunner().invoke(cli.main, ["report", str(tmp_path / "run"), "--json"]).output)
+    chosen = list(logged.values())
+    assert facts["auto_keep_ratio"] == {"first": chosen[0], "last": chosen[-1], "min": min(chosen), "max": max(chosen)}
+    assert (tmp_path / "run" / "regate_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = CliRunner().invoke(cli.main, ["report", str(tmp_path / "run")]).output
+    assert f"auto keep ratio       {chosen[0]:.3g} (first logged) -> {chosen[-1]:.3g} (last)" in text
 
 
 def test_report_explains_a_folder_without_a_run(tmp_path):

@@ -24,7 +24,8 @@ from ..hookspecs import hookimpl
 from .runs import THREADS, Setup, _quiet, _threads, prepare, scaled_config, train_run
 
 #: arm -> changes to the paper's scaled schedule (``random`` also scores by a seeded random draw;
-#: ``loss-only`` is no strategy but a measurement: the paper's selection with elided words kept as input)
+#: ``loss-only`` is no strategy but a measurement: the paper's selection with elided words kept as input;
+#: ``auto`` sets its own keep ratio per cycle, so it runs once per seed, whatever --keep says)
 ARMS: dict[str, dict[str, Any]] = {
     "dense": {"keep_ratio": 1.0},
     "regate": {},
@@ -35,6 +36,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "adaptive": {"selection": "adaptive"},
     "adaptive-learnable": {"selection": "adaptive", "score": "learnable"},
     "loss-only": {"elision": "loss"},
+    "auto": {"keep_ratio": "auto"},
 }
 NEW_ARMS = ("learnable", "adaptive", "adaptive-learnable")
 SWEEP_EVAL_POINTS = 10
@@ -56,7 +58,13 @@ class RandomScore:
         return torch.rand(ema.shape, generator=self.generator)
 
 
+#: the keep-ratio field of an ``auto`` run's key
+AUTO_KEY = "auto"
+
+
 def run_key(arm: str, keep_ratio: float, seed: int) -> str:
+    if arm == "auto":
+        return f"{arm}|{AUTO_KEY}|{seed}"
     return f"{arm}|{1.0 if arm == 'dense' else keep_ratio:g}|{seed}"
 
 
@@ -64,9 +72,10 @@ def planned_runs(arms: Sequence[str], keeps: Sequence[float], seeds: Sequence[in
     """(arm, keep ratio, seed) of every run: dense of every seed (keep 1.0) first, then keep ratio by
     keep ratio in the given order, so a sweep stopped early has whole keep ratios over all seeds."""
     runs = [("dense", 1.0, seed) for seed in seeds if "dense" in arms]
+    runs += [("auto", 0.0, seed) for seed in seeds if "auto" in arms]
     for keep in keeps:
         for seed in seeds:
-            runs.extend((arm, keep, seed) for arm in arms if arm != "dense")
+            runs.extend((arm, keep, seed) for arm in arms if arm not in ("dense", "auto"))
     return runs
 
 
@@ -75,7 +84,7 @@ def estimate_seconds(runs: int, seeds: int, steps: int, eval_points: int) -> flo
 
 
 def arm_config(arm: str, keep_ratio: float, steps: int) -> ReGATEConfig:
-    return scaled_config(steps).replace(keep_ratio=keep_ratio).replace(**ARMS[arm])
+    return scaled_config(steps).replace(**{"keep_ratio": keep_ratio, **ARMS[arm]})
 
 
 def tokens_to_fraction(curve: Sequence[dict[str, Any]], target: float, dense_tokens: int) -> float | None:
@@ -94,12 +103,18 @@ def frontier_rows(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         target = 0.9 * dense["val_accuracy"]
         rows.append({
-            "arm": arm, "keep_ratio": float(keep), "seed": int(seed),
+            "arm": arm, "keep_ratio": mean_sparse_ratio(run) if keep == AUTO_KEY else float(keep), "seed": int(seed),
             "supervised_share": run["supervised_tokens"] / dense["supervised_tokens"],
             "final_accuracy": run["val_accuracy"],
             "tokens_to_90pct_of_dense": tokens_to_fraction(run["curve"], target, dense["supervised_tokens"]),
         })
     return rows
+
+
+def mean_sparse_ratio(run: dict[str, Any]) -> float:
+    """An ``auto`` run's keep ratio: the mean over its sparse steps of the ratio each cycle chose."""
+    steps = [ratio for ratio in run["step_keep_ratios"] if ratio < 1.0]
+    return float(np.mean(steps)) if steps else 1.0
 
 
 def acceptance(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -129,8 +144,10 @@ def format_frontier(rows: Sequence[dict[str, Any]]) -> str:
     """One line per (arm, keep): share, mean final accuracy, and each seed's points against dense."""
     dense = {r["seed"]: r["final_accuracy"] for r in rows if r["arm"] == "dense"}
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["arm"], r["keep_ratio"]), []).append(r)
+    for r in rows:  # auto's rows each hold their own mean ratio: one line, at their mean
+        groups.setdefault((r["arm"], None if r["arm"] == "auto" else r["keep_ratio"]), []).append(r)
+    groups = {(arm, float(f"{np.mean([r['keep_ratio'] for r in group]):.3g}") if keep is None else keep): group
+              for (arm, keep), group in groups.items()}
     lines = [f"{'arm':20s}{'keep':>6s}{'share':>8s}{'accuracy':>10s}  points vs dense by seed"]
     for (arm, keep), group in sorted(groups.items(), key=lambda g: (-g[0][1], g[0][0])):
         group = sorted(group, key=lambda r: r["seed"])
@@ -151,12 +168,14 @@ def plot_frontier(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     for i, arm in enumerate(arms):
         mine = [r for r in rows if r["arm"] == arm]
-        keeps = sorted({r["keep_ratio"] for r in mine})
-        x = [np.mean([r["supervised_share"] for r in mine if r["keep_ratio"] == k]) for k in keeps]
-        y = [np.mean([r["final_accuracy"] for r in mine if r["keep_ratio"] == k]) for k in keeps]
+        # auto's rows each hold their own mean ratio: one point, the mean over seeds
+        groups = [mine] if arm == "auto" else [[r for r in mine if r["keep_ratio"] == k]
+                                                for k in sorted({r["keep_ratio"] for r in mine})]
+        x = [np.mean([r["supervised_share"] for r in group]) for group in groups]
+        y = [np.mean([r["final_accuracy"] for r in group]) for group in groups]
         color = f"C{i}"
         ax.plot([r["supervised_share"] for r in mine], [r["final_accuracy"] for r in mine], "o", ms=3, alpha=0.35, color=color)
-        ax.plot(x, y, "-o" if arm != "dense" else "*", ms=6 if arm != "dense" else 12, color=color, label=arm)
+        ax.plot(x, y, {"dense": "*", "auto": "D"}.get(arm, "-o"), ms=12 if arm == "dense" else 6, color=color, label=arm)
     ax.axvline(SHARE_LIMIT, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("supervised tokens trained, share of dense's")
     ax.set_ylabel("final held-out image-word accuracy")
@@ -216,6 +235,6 @@ def run_frontier(arms: Sequence[str], keeps: Sequence[float], seeds: Sequence[in
                                [RandomScore(seed)] if arm == "random" else ())
             runs[key] = record
             result = save()
-            echo(f"  seed {seed} {arm:20s} keep {keep:<5g} accuracy {record['val_accuracy']:.3f}  "
+            echo(f"  seed {seed} {arm:20s} keep {key.split('|')[1]:<5s} accuracy {record['val_accuracy']:.3f}  "
                  f"({time.perf_counter() - started:.0f} s)")
     return result

@@ -102,9 +102,11 @@ class TokenCounter:
 
     def __init__(self) -> None:
         self.supervised_kept = self.supervised_total = self.llm_tokens = self.padded_tokens = 0
+        self.keep_ratios: list[float] = []  # per optimizer step
 
     @hookimpl
     def regate_step_end(self, stats: StepStats) -> None:
+        self.keep_ratios.append(stats.keep_ratio)
         self.supervised_kept += stats.supervised_kept
         self.supervised_total += stats.supervised_total
         self.llm_tokens += stats.llm_tokens
@@ -236,7 +238,10 @@ def train_run(name: str, config: ReGATEConfig, setup: Setup, strategies: Sequenc
     for noisy in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(noisy)
     trainer.train()
+    auto = {} if engine.budget is None else {"step_keep_ratios": counter.keep_ratios,
+                                             "auto_decisions": engine.budget.decisions}
     return {
+        **auto,
         "config": config.to_dict(),
         "optimizer_steps": setup.steps,
         "supervised_tokens": counter.supervised_kept,
@@ -255,25 +260,26 @@ def train_run(name: str, config: ReGATEConfig, setup: Setup, strategies: Sequenc
 # ---------------------------------------------------------------------------------------------
 
 
-def train_dataset(seed: int = 0, tokenizer: Any = None) -> task.VQADataset:
+def train_dataset(seed: int = 0, tokenizer: Any = None, free_words: bool = True) -> task.VQADataset:
     """The training samples of ``regate demo --seed SEED``; with the default seed, what
     ``regate inspect WORK/refcache --target hf -- --dataset regate_plugin.demo:train_dataset ...`` decodes."""
-    return task.VQADataset(task.generate(TRAIN_SAMPLES, np.random.default_rng([seed, 0])),
+    return task.VQADataset(task.generate(TRAIN_SAMPLES, np.random.default_rng([seed, 0]), free_words),
                            task.build_tokenizer() if tokenizer is None else tokenizer)
 
 
-def prepare(steps: int, seed: int, work: Path, progress: bool) -> Setup:
-    """Task, language-model pre-training, student, teacher pass: everything before the two runs."""
+def prepare(steps: int, seed: int, work: Path, progress: bool, free_words: bool = True) -> Setup:
+    """Task, language-model pre-training, student, teacher pass: everything before the two runs
+    (``free_words=False``: the task without its free words, ``demo_task.ask``)."""
     from ..patches import hf
     from ..scoring import check_tokenizers, load_teacher, score_dataset
 
     tokenizer = task.build_tokenizer()
     vocab = tokenizer.get_vocab()
     text_config, llava_config = _configs(vocab)
-    train = train_dataset(seed, tokenizer)
-    held_out = task.VQADataset(task.generate_balanced(EVAL_PER_TYPE, np.random.default_rng([seed, 1])), tokenizer,
-                               with_targets=True)
-    corpus = task.VQADataset(task.generate(PRETRAIN_SAMPLES, np.random.default_rng([seed, 2])), tokenizer)
+    train = train_dataset(seed, tokenizer, free_words)
+    held_out = task.VQADataset(task.generate_balanced(EVAL_PER_TYPE, np.random.default_rng([seed, 1]), free_words),
+                               tokenizer, with_targets=True)
+    corpus = task.VQADataset(task.generate(PRETRAIN_SAMPLES, np.random.default_rng([seed, 2]), free_words), tokenizer)
 
     backbone = pretrain_backbone(corpus, text_config, PRETRAIN_STEPS, seed, progress)
     tower = pretrain_vision(corpus, llava_config.vision_config, VISION_STEPS, seed, progress)
@@ -285,7 +291,8 @@ def prepare(steps: int, seed: int, work: Path, progress: bool) -> Setup:
     tokenizer.save_pretrained(student_dir)
 
     # the teacher pass, as `regate score --target hf --teacher teacher/ --out refcache/ -- ...` runs it
-    source = hf.HFScoringSource(train, str(student_dir), dataset_id=f"regate-demo-seed{seed}", teacher=str(teacher_dir))
+    dataset_id = f"regate-demo-seed{seed}" + ("" if free_words else "-no-free-words")
+    source = hf.HFScoringSource(train, str(student_dir), dataset_id=dataset_id, teacher=str(teacher_dir))
     cache_dir = work / "refcache"
     check_tokenizers(source.tokenizer_fingerprint, source.load_tokenizer(str(teacher_dir)), str(teacher_dir))
     score_dataset(source, load_teacher(str(teacher_dir), torch.device("cpu"), torch.float32), cache_dir,
