@@ -307,11 +307,18 @@ def verdict(report: dict[str, Any]) -> str:
                 f"{report['steps']} steps is sparse (warmup {report['config']['warmup']}): give --steps of your run")
     more = modes["packed-dense"]["flops_share"] - modes["regate"]["flops_share"]
     answers = report["supervised_share_of_llm_tokens"]
-    line = (f"packing removes {packing:.0%} of the LLM's FLOPs; ReGATE at keep {report['config']['keep_ratio']:g} "
+    line = (f"packing removes {packing:.0%} of the LLM's FLOPs; ReGATE at keep {_keep(report['config'])} "
             f"removes {more:.0%} more (answers are {answers:.0%} of tokens)")
     if more < LITTLE:
         line += ": little time to gain from elision here; its gain would be learning per token"
     return line
+
+
+def _keep(config: dict[str, Any]) -> str:
+    """The keep ratio as the estimate used it: ``auto`` decides during training, so it is estimated at
+    its ceiling (``keep_max``, what the schedule's default answer gives), the most it can spend."""
+    ratio = config["keep_ratio"]
+    return f"{ratio:g}" if not isinstance(ratio, str) else f"auto (estimated at its ceiling --keep-max {config['keep_max']:g})"
 
 
 def _flops(value: float) -> str:
@@ -337,7 +344,7 @@ def format_estimate(report: dict[str, Any]) -> str:
         f"padding at micro-batch {report['batch_size']}: {pad['random']:.1%} of padded positions with random batches, "
         f"{pad['length-grouped']:.1%} length-grouped (the estimate uses {report['sampler']} batches)",
         f"schedule: {report['steps']} steps, {report['steps'] - report['sparse_steps']} dense + {report['sparse_steps']} "
-        f"sparse at keep {c['keep_ratio']:g} (warmup {c['warmup']}, cycle {c['cycle']}, {c['dense_steps']} dense)",
+        f"sparse at keep {_keep(c)} (warmup {c['warmup']}, cycle {c['cycle']}, {c['dense_steps']} dense)",
         "",
         "| mode | linear | attention | LM head | total per step | ideal speedup | LLM tokens/step | supervised trained "
         "| activation memory |",

@@ -27,6 +27,7 @@ class RunLog:
     estimate: dict[str, Any] | None = None  # the saved ``regate estimate`` document, if any
     #: ``keep_ratio="auto"``: the ratio the latest cycle chose for its sparse steps, per entry (None: a fixed ratio)
     auto_keep_ratio: list[float] | None = None
+    seconds_per_step: float | None = None  # the Trainer's train_runtime over the steps it ran, when it logged one
 
 
 def find_state(run_dir: Path) -> Path:
@@ -69,7 +70,15 @@ def read_run(run_dir: Path) -> RunLog:
         padded_tokens=column("regate/padded_tokens"),
         estimate=json.loads((run_dir / ESTIMATE_NAME).read_text()) if (run_dir / ESTIMATE_NAME).is_file() else None,
         auto_keep_ratio=column("regate/auto_keep_ratio") if any("regate/auto_keep_ratio" in e for e in entries) else None,
+        seconds_per_step=_seconds_per_step(history),
     )
+
+
+def _seconds_per_step(history: list[dict[str, Any]]) -> float | None:
+    """Wall time per optimizer step: the Trainer's last ``train_runtime`` over the steps trained. A
+    resumed run's runtime covers only its last session, so there it understates the step time."""
+    final = next((e for e in reversed(history) if "train_runtime" in e), None)
+    return None if final is None else final["train_runtime"] / max(final["step"], 1)
 
 
 def summary(run: RunLog) -> dict[str, Any]:
@@ -89,6 +98,8 @@ def summary(run: RunLog) -> dict[str, Any]:
     if run.auto_keep_ratio is not None:
         chosen = [r for r in run.auto_keep_ratio if r == r]  # entries before the metric existed are NaN
         facts["auto_keep_ratio"] = {"first": chosen[0], "last": chosen[-1], "min": min(chosen), "max": max(chosen)}
+    if run.seconds_per_step is not None:
+        facts["seconds_per_step"] = run.seconds_per_step
     if run.estimate is not None:
         facts["estimate"] = estimated(run.estimate, packing_only=all(r == 1.0 for r in run.keep_ratio))
     return facts
@@ -128,6 +139,9 @@ def format_summary(facts: dict[str, Any]) -> str:
         auto = facts["auto_keep_ratio"]
         lines.append(f"auto keep ratio       {auto['first']:.3g} (first logged) -> {auto['last']:.3g} (last), "
                      f"between {auto['min']:.3g} and {auto['max']:.3g}")
+    if "seconds_per_step" in facts:
+        lines.append(f"step time             {facts['seconds_per_step']:.3g} s per optimizer step (measured: the "
+                     "Trainer's train_runtime over the steps; a resumed run's counts its last session only)")
     if guess is not None:
         inputs = guess["setup"]
         lines.append(

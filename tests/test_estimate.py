@@ -100,7 +100,8 @@ def test_tiny_hf_dataset_through_the_cli_equals_the_engine_run(tmp_path):
     # `regate report` on a run folder holding the estimate and a Trainer log of those totals
     entry = {"step": 60, "loss": 1.5, "regate/keep_ratio": (18 * 1.0 + 42 * 0.25) / 60,
              **{f"regate/{key}": value for key, value in achieved.items()}}
-    (out.parent / "trainer_state.json").write_text(json.dumps({"log_history": [entry]}))
+    final = {"step": 60, "train_runtime": 12.0, "train_steps_per_second": 5.0}  # what Trainer.train() logs last
+    (out.parent / "trainer_state.json").write_text(json.dumps({"log_history": [entry, final]}))
     shown = CliRunner().invoke(cli.main, ["report", str(out.parent), "--json"])
     assert shown.exit_code == 0, shown.output
     facts = json.loads(shown.output)
@@ -113,6 +114,8 @@ def test_tiny_hf_dataset_through_the_cli_equals_the_engine_run(tmp_path):
     text = CliRunner().invoke(cli.main, ["report", str(out.parent)]).output
     assert f"({facts['supervised_share']:.1%}; estimated {guess['supervised_share']:.1%})" in text
     assert f"ideal speedup {report['modes']['regate']['ideal_speedup']:.2f}x" in text
+    assert facts["seconds_per_step"] == pytest.approx(12.0 / 60)
+    assert "step time             0.2 s per optimizer step" in text
 
 
 @pytest.mark.parametrize("elision", ["input", "loss"])
@@ -233,3 +236,17 @@ def test_a_target_without_a_scoring_source_says_so_in_one_line(monkeypatch):
         "Error: the scriptonly target has no scoring source to read its samples through: estimate with --target hf "
         "(your dataset as --dataset MOD:FN) or --workload"
     ]
+
+
+def test_keep_ratio_auto_is_estimated_at_its_ceiling():
+    """``auto`` decides its ratio during training: the estimate spends its ceiling, ``keep_max``, on
+    every sparse step (what the schedule's default answer gives) and says so."""
+    source = estimate.WorkloadSource("llava-1.5", 128, seed=0)
+    tokens = estimate.scan(source, [1.0, 0.4], progress=False)
+    auto = ReGATEConfig(warmup=2, cycle=4, dense_steps=1, keep_ratio="auto", keep_min=0.1, keep_max=0.4)
+    fixed = auto.replace(keep_ratio=0.4)
+    model = estimate.MODEL_PRESETS["llava-1.5-7b"]
+    got, want = (estimate.estimate(tokens, model, c, 8, 20) for c in (auto, fixed))
+    assert got["modes"] == want["modes"] and got["sparse_steps"] == 13
+    assert "ReGATE at keep auto (estimated at its ceiling --keep-max 0.4) removes" in estimate.verdict(got)
+    assert "sparse at keep auto (estimated at its ceiling --keep-max 0.4)" in estimate.format_estimate(got)
