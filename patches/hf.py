@@ -163,6 +163,15 @@ def _dispatching(call_original: Callable[..., Any], signature: inspect.Signature
     return forward
 
 
+def _dispatching_around(current: Any, call_original: Callable[..., Any], signature: inspect.Signature) -> Callable[..., Any]:
+    """The dispatching forward in place of ``current`` (marked with it as ``_regate_original``), which
+    binds positional arguments by ``signature`` and shows ``sample_index`` in it."""
+    forward = functools.wraps(current)(_dispatching(call_original, signature))
+    forward._regate_original = current
+    forward.__signature__ = _with_index_signature(signature)
+    return forward
+
+
 def _with_index_signature(signature: inspect.Signature) -> inspect.Signature:
     """``sample_index`` in the signature, so the Trainer's remove_unused_columns keeps it."""
     index_param = inspect.Parameter(SAMPLE_INDEX_KEY, inspect.Parameter.KEYWORD_ONLY, default=None)
@@ -177,11 +186,7 @@ def _patch_forward(cls: type) -> bool:
     current = cls.__dict__["forward"]
     if _is_ours(current):
         return False
-    signature = inspect.signature(current)
-    forward = functools.wraps(current)(_dispatching(current, signature))
-    forward._regate_original = current
-    forward.__signature__ = _with_index_signature(signature)
-    cls.forward = forward
+    cls.forward = _dispatching_around(current, current, inspect.signature(current))
     return True
 
 
@@ -193,9 +198,7 @@ def _arm_instance(model: torch.nn.Module, base: type) -> str | None:
     if current is None or _is_ours(current):
         return None
     signature = inspect.signature(base.__dict__["forward"]._regate_original)
-    forward = functools.wraps(current)(_dispatching(lambda self, **kwargs: current(**kwargs), signature))
-    forward._regate_original = current
-    forward.__signature__ = _with_index_signature(signature)
+    forward = _dispatching_around(current, lambda self, **kwargs: current(**kwargs), signature)
     model.__dict__[slot] = types.MethodType(forward, model)
     return getattr(current, "__qualname__", type(current).__name__)
 
@@ -278,7 +281,7 @@ def _training_forward(model: torch.nn.Module, engine: ReGATEEngine, sample_index
                 "labels must cover the expanded visual tokens (use the model's processor to build input_ids)"
             )
         plan = engine.plan(labels, text_kwargs.pop("attention_mask", None), sample_index, text_kwargs.pop("position_ids", None),
-                           context_ids=context_ids(model.config, kwargs.get("input_ids")))
+                           context_ids=context_ids(model.config, kwargs.get("input_ids")) if engine.checks_contexts else None)
         plans.append(plan)
         _refuse_unpacked_inputs(text_kwargs, adapter, labels.shape)
         text_kwargs = adapter.side_inputs(text_kwargs, plan.packed)
@@ -288,8 +291,8 @@ def _training_forward(model: torch.nn.Module, engine: ReGATEEngine, sample_index
             position_ids=plan.packed.position_ids,
             use_cache=False,
         )
-        text_kwargs[hf_attention.PACKED_KEY] = packed_attention(plan.host, plan.packed, engine.config.attn_backend)
-        with hf_attention.packed_config(text_model):
+        packed = text_kwargs[hf_attention.PACKED_KEY] = packed_attention(plan.host, plan.packed, engine.config.attn_backend)
+        with hf_attention.packed_config(text_model, packed):
             return text_forward(text_model, **text_kwargs)
 
     with _intercept(text_model, packed_text_model):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
@@ -35,7 +35,9 @@ class PackedAttention:
 
     cu_seqlens: (S+1,) int32 segment bounds; cols: (T,) each token's column in its sample before
     elision (a sliding window counts those); max_span: the longest segment's span in columns;
-    max_gapped_span: the longest among segments with elided columns (kernels window by packed position).
+    max_gapped_span: the longest among segments with elided columns (kernels window by packed position);
+    routed: the configs that name ``"regate"``, one per config object of the model, made once per
+    packed forward (``packed_config``) and reused by every layer, in forward and in recomputation.
     """
 
     cu_seqlens: torch.Tensor
@@ -44,18 +46,26 @@ class PackedAttention:
     max_span: int
     max_gapped_span: int
     backend: str
+    routed: dict[int, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def routed_config(self, config: Any) -> Any:
+        """A copy of ``config`` that reports ``"regate"`` as its attention implementation."""
+        copied = self.routed.get(id(config))
+        if copied is None or copied[0] is not config:
+            routed = copy.copy(config)
+            name = "_attn_implementation_internal" if "_attn_implementation_internal" in vars(config) else "_attn_implementation"
+            setattr(routed, name, NAME)
+            copied = self.routed[id(config)] = (config, routed)
+        return copied[1]
 
 
 @contextlib.contextmanager
-def packed_config(module: torch.nn.Module) -> Iterator[None]:
-    """For the duration, ``module`` reads a copy of its config that reports ``"regate"`` as the attention
-    implementation. The config object itself, shared by every module of the model (and by the
-    replicas of threads), is never changed: only this module's reference to it is swapped."""
+def packed_config(module: torch.nn.Module, packed: PackedAttention) -> Iterator[None]:
+    """For the duration, ``module`` reads ``packed``'s routed copy of its config. The config object
+    itself, shared by every module of the model (and by the replicas of threads), is never changed:
+    only this module's reference to it is swapped."""
     config = module.__dict__["config"]
-    packed = copy.copy(config)
-    field = "_attn_implementation_internal" if "_attn_implementation_internal" in vars(config) else "_attn_implementation"
-    setattr(packed, field, NAME)
-    module.__dict__["config"] = packed
+    module.__dict__["config"] = packed.routed_config(config)
     try:
         yield
     finally:
@@ -123,9 +133,10 @@ def _patch_attention_class(cls: type) -> bool:
 
     @functools.wraps(original)
     def forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get(PACKED_KEY) is None:
+        packed = kwargs.get(PACKED_KEY)
+        if packed is None:
             return original(self, *args, **kwargs)
-        with packed_config(self):
+        with packed_config(self, packed):
             return original(self, *args, **kwargs)
 
     forward._regate_original = original

@@ -85,12 +85,13 @@ def _forward(self, original, input_ids=None, attention_mask=None, position_ids=N
                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                         output_attentions=output_attentions, output_hidden_states=output_hidden_states, images=images,
                         image_sizes=image_sizes, return_dict=return_dict, **kwargs)
-    context = _merged_context_ids(self, input_ids, position_ids, attention_mask, labels, images, image_sizes)
+    context = (_merged_context_ids(self, input_ids, position_ids, attention_mask, labels, images, image_sizes)
+               if engine.checks_contexts else None)
     _, position_ids, attention_mask, _, embeds, labels = self.prepare_inputs_labels_for_multimodal(
         input_ids, position_ids, attention_mask, None, labels, images, image_sizes
     )
     return upstream.packed_loss(self, engine, embeds, labels, attention_mask, sample_index, position_ids,
-                                upstream.merged_context(*context, labels))
+                                None if context is None else upstream.merged_context(*context, labels))
 
 
 def _merged_context_ids(model, input_ids, position_ids, attention_mask, labels, images, image_sizes):

@@ -143,7 +143,7 @@ def _forward(self, original, input_ids=None, attention_mask=None, position_ids=N
     # Upstream's merge: (input_ids, attention_mask, past_key_values, inputs_embeds, labels); the
     # mask keeps the collator's right padding masked inside each row. No position ids: upstream's
     # forward drops them, so every row uses positions 0..L-1 (what the plan uses for None).
-    context = _merged_context_ids(self, input_ids, attention_mask, labels, images)
+    context = _merged_context_ids(self, input_ids, attention_mask, labels, images) if engine.checks_contexts else None
     input_ids, attention_mask, _, embeds, labels = self.prepare_inputs_labels_for_multimodal(
         input_ids, attention_mask, None, labels, images
     )
@@ -152,7 +152,7 @@ def _forward(self, original, input_ids=None, attention_mask=None, position_ids=N
     if attention_mask is None:
         attention_mask = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
     return upstream.packed_loss(self, engine, embeds, labels, attention_mask, sample_index,
-                                context_ids=upstream.merged_context(*context, labels))
+                                context_ids=None if context is None else upstream.merged_context(*context, labels))
 
 
 def _merged_context_ids(model, input_ids, attention_mask, labels, images) -> tuple[torch.Tensor, torch.Tensor]:

@@ -129,6 +129,12 @@ class ReGATEEngine:
     def packing_only(self) -> bool:
         return self.ema is None
 
+    @property
+    def checks_contexts(self) -> bool:
+        """Whether ``plan`` needs ``context_ids``: the cache records per-sample digests. Targets build
+        the context only then (packing-only runs and digest-less caches skip that work)."""
+        return self.refcache is not None and self.refcache.digests is not None
+
     def keep_ratio(self) -> float:
         if self.packing_only:
             return 1.0

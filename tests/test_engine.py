@@ -451,3 +451,9 @@ def test_losses_of_two_micro_batches_reach_the_ema_at_end_step(cache):
     flat = engine.ema.offsets[SAMPLE_IDS[plan.host.row[plan.host.loss_rows]]] + plan.host.unit_k[plan.host.loss_rows]
     once = 0.9 * before[flat] + 0.1 * 2.0
     assert torch.allclose(engine.ema.values[flat], 0.9 * once + 0.1 * 4.0)  # in record order
+
+
+def test_targets_build_contexts_only_for_a_cache_that_records_digests(cache, digest_cache):
+    assert not ReGATEEngine(ReGATEConfig(), None).checks_contexts  # packing only
+    assert not ReGATEEngine(ReGATEConfig(), cache).checks_contexts  # a cache written without digests
+    assert ReGATEEngine(ReGATEConfig(), digest_cache).checks_contexts

@@ -390,12 +390,9 @@ def refusals(monkeypatch, student, teacher, cache, data, index):
     return inspect.output, one_error_line(score), str(refused.value)
 
 
-def test_a_changed_sample_the_probe_misses_is_refused_by_open_inspect_score_and_training(
-    monkeypatch, assets, big_cache, no_teacher_load
-):
-    student, teacher = assets
-    index = UNPROBED[-1]
-    data = edited_dataset(index, keep_count=True)
+def assert_tokens_change_refused(monkeypatch, student, teacher, big_cache, data, index):
+    """Sample ``index`` of ``data`` kept its supervised token count but not its tokens: the start-up probe
+    cannot see it; the samples check, inspect, score and training refuse it by name, in one line."""
     source = hf.HFScoringSource(data, str(student), "tiny")
     RefCache.open(big_cache, expect=source.expected())  # the start-up probe cannot see it: the engine must
     with pytest.raises(CacheMismatchError, match="samples: cache has"):
@@ -406,7 +403,16 @@ def test_a_changed_sample_the_probe_misses_is_refused_by_open_inspect_score_and_
     inspect, score, training = refusals(monkeypatch, student, teacher, big_cache, data, index)
     assert cause in inspect
     assert cause in score and score.endswith("use a new --out or delete it")
-    assert training.startswith(cause + " in this micro-batch")
+    assert training.startswith(cause + " in this micro-batch") and "\n" not in training
+
+
+def test_a_changed_sample_the_probe_misses_is_refused_by_open_inspect_score_and_training(
+    monkeypatch, assets, big_cache, no_teacher_load
+):
+    student, teacher = assets
+    index = UNPROBED[-1]
+    data = edited_dataset(index, keep_count=True)
+    assert_tokens_change_refused(monkeypatch, student, teacher, big_cache, data, index)
 
 
 def test_a_changed_prompt_with_the_same_answer_is_refused_by_name(monkeypatch, assets, big_cache, no_teacher_load):
@@ -418,17 +424,7 @@ def test_a_changed_prompt_with_the_same_answer_is_refused_by_name(monkeypatch, a
     original = tiny_samples("llava", NUM_BIG, seed=5)[index]
     assert torch.equal(data[index]["labels"], original["labels"])
     assert not torch.equal(data[index]["input_ids"], original["input_ids"])
-    source = hf.HFScoringSource(data, str(student), "tiny")
-    RefCache.open(big_cache, expect=source.expected())  # the start-up probe cannot see it
-    with pytest.raises(CacheMismatchError, match="samples: cache has"):
-        RefCache.open(big_cache, expect={**source.expected(), "samples": source.fingerprint.samples})
-    count = int(RefCache.open(big_cache).counts()[index])
-    cause = (f"sample {index} has as many supervised tokens as the reference cache ({count}) but other token ids in "
-             "its prompt or answer (tokens changed)")
-    inspect, score, training = refusals(monkeypatch, student, teacher, big_cache, data, index)
-    assert cause in inspect
-    assert cause in score and score.endswith("use a new --out or delete it")
-    assert training.startswith(cause + " in this micro-batch") and "\n" not in training
+    assert_tokens_change_refused(monkeypatch, student, teacher, big_cache, data, index)
 
 
 def test_a_changed_token_count_is_named_as_such(monkeypatch, assets, big_cache, no_teacher_load):

@@ -24,26 +24,7 @@ read -r -a REGATE_ARGS <<< "${REGATE_ARGS:-}"   # e.g. "--keep-ratio 0.5 --cycle
 # fingerprint checks it), so cutoff_len and the visual-token expansion match.
 DATA_OVERRIDES=("dataset=$DATASET" "dataset_dir=$DATASET_DIR" "media_dir=$MEDIA_DIR")
 
-launcher() {
-    # torchrun runs `python -m regate_plugin` on every GPU of every node.
-    printf '%s\n' torchrun --nnodes "$NODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS" \
-        --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m regate_plugin
-}
-
-# --dry-run anywhere among a script's arguments; the others are added as LLaMA-Factory key=value overrides.
-DRY_RUN=0
-EXTRA_ARGS=()
-for _arg in "$@"; do
-    if [[ "$_arg" == "--dry-run" ]]; then
-        DRY_RUN=1
-    else
-        EXTRA_ARGS+=("$_arg")
-    fi
-done
-
-show() {
-    # show CMD...: print it as one shell-quoted line.
-    printf 'command:'
-    printf ' %q' "$@"
-    printf '\n'
-}
+# The torchrun launcher, `show`, and --dry-run anywhere among the script's arguments (the others,
+# EXTRA_ARGS, are added as LLaMA-Factory key=value overrides).
+# shellcheck source=../torchrun_launch.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../torchrun_launch.sh" "$@"

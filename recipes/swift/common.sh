@@ -29,26 +29,7 @@ done < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$RECIPES/$RECIPE.args")
 # it), so max_length truncation and the visual-token expansion match.
 DATA_ARGS=(--dataset "${DATASETS[@]}")
 
-launcher() {
-    # torchrun runs `python -m regate_plugin` on every GPU of every node.
-    printf '%s\n' torchrun --nnodes "$NODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS" \
-        --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m regate_plugin
-}
-
-# --dry-run anywhere among a script's arguments; the others are added as ms-swift arguments.
-DRY_RUN=0
-EXTRA_ARGS=()
-for _arg in "$@"; do
-    if [[ "$_arg" == "--dry-run" ]]; then
-        DRY_RUN=1
-    else
-        EXTRA_ARGS+=("$_arg")
-    fi
-done
-
-show() {
-    # show CMD...: print it as one shell-quoted line.
-    printf 'command:'
-    printf ' %q' "$@"
-    printf '\n'
-}
+# The torchrun launcher, `show`, and --dry-run anywhere among the script's arguments (the others,
+# EXTRA_ARGS, are added as ms-swift arguments).
+# shellcheck source=../torchrun_launch.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../torchrun_launch.sh" "$@"

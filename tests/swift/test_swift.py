@@ -8,9 +8,6 @@ gradient checkpointing is on by default, in every run here."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +19,7 @@ from regate_plugin.cli import main
 from regate_plugin.refcache import RefCache, RefCacheError
 
 import swift_assets as assets
+from framework_runs import check_sparse_steps, two_rank_train
 
 SPARSE = ["--keep-ratio", "0.5", "--warmup", "0", "--cycle", "2", "--dense-steps", "1"]  # odd steps sparse
 
@@ -162,14 +160,7 @@ def test_a_template_merging_before_the_forward_leaves_it_to_the_model(work: Path
 
 
 def test_sparse_steps_elide(sparse: Path) -> None:
-    log = assets.log_history(final(sparse))
-    dense, thin = log[0::2], log[1::2]
-    assert [e["regate/keep_ratio"] for e in log] == [1.0, 0.5] * 3
-    assert all(e["regate/supervised_kept"] == e["regate/supervised_total"] for e in dense)
-    for e in thin:  # each sample keeps ceil(0.5 * its units): a little over half
-        assert e["regate/supervised_total"] / 2 <= e["regate/supervised_kept"] < e["regate/supervised_total"]
-        assert e["regate/llm_tokens"] < e["regate/padded_tokens"]
-    assert (sparse / "checkpoint-4" / "regate_state.pt").is_file()
+    check_sparse_steps(assets.log_history(final(sparse)), sparse / "checkpoint-4")
 
 
 def test_resume_is_exact(work: Path, cache: Path, sparse: Path) -> None:
@@ -330,41 +321,14 @@ def test_a_run_that_bypasses_the_patched_trainer_is_an_error(work: Path, monkeyp
     assert (work / "other_trainer" / "checkpoint-2").is_dir()  # it did train, dense
 
 
-EMA_DIGESTS = """
-import hashlib, os, sys
-from regate_plugin import cli
-from regate_plugin.engine import ReGATEEngine
-
-end_step = ReGATEEngine.end_step
-
-
-def recorded(self, *args, **kwargs):  # the EMA table of this rank after every optimizer step
-    stats = end_step(self, *args, **kwargs)
-    with open(os.environ["EMA_DIGESTS"] + "." + os.environ["RANK"], "a") as log:
-        log.write(hashlib.sha256(self.ema.values.numpy().tobytes()).hexdigest() + "\\n")
-    return stats
-
-
-ReGATEEngine.end_step = recorded
-cli.main(sys.argv[1:], prog_name="regate")
-"""
-
-
 def test_torchrun_two_ranks(work: Path, cache: Path, sparse: Path) -> None:
     """``regate train`` under torchrun (gloo, 2 ranks, one sample per rank and micro-batch, accumulation 2):
     the same global batches as the one-process run with 2 samples per micro-batch, so the rank-summed
     counts of every step are its counts; both ranks hold the same EMA table after every step."""
-    digests = work / "two_ranks_ema"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
-               sys.executable, "-c", EMA_DIGESTS,
-               "train", "--target", "swift", "--ref-cache", str(cache), *SPARSE, "--",
-               *sft(work, "two_ranks", per_device_train_batch_size=1)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "EMA_DIGESTS": str(digests)}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = two_rank_train(["--target", "swift", "--ref-cache", str(cache), *SPARSE, "--",
+                                   *sft(work, "two_ranks", per_device_train_batch_size=1)], work / "two_ranks_ema")
     counts = ("regate/keep_ratio", "regate/supervised_total", "regate/supervised_kept")
     assert [[e[k] for k in counts] for e in assets.log_history(final(work / "two_ranks"))] == \
         [[e[k] for k in counts] for e in assets.log_history(final(sparse))]
-    rank0, rank1 = (Path(f"{digests}.{rank}").read_text().split() for rank in (0, 1))
     assert len(rank0) == 6 and rank0 == rank1
     assert len(set(rank0)) == 6  # every step changed the table
