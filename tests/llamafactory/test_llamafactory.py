@@ -155,7 +155,8 @@ def test_torchrun_two_ranks(work: Path, cache: Path, sparse: Path) -> None:
     global batches as the one-process run, so the rank-summed counts of every step are its counts; and
     both ranks hold the same EMA table after every step, one that training moved."""
     rank0, rank1 = two_rank_train(["--target", "llamafactory", "--ref-cache", str(cache), *SPARSE, "--",
-                                   str(train_yaml(work, "two_ranks", per_device_train_batch_size=1))], work / "two_ranks_ema")
+                                   str(train_yaml(work, "two_ranks", per_device_train_batch_size=1))],
+                                  work / "two_ranks", work / "two_ranks_ema")
     counts = ("regate/keep_ratio", "regate/supervised_total", "regate/supervised_kept")
     assert [[e[k] for k in counts] for e in assets.log_history(work / "two_ranks")] == \
         [[e[k] for k in counts] for e in assets.log_history(sparse)]

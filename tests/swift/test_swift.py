@@ -326,7 +326,8 @@ def test_torchrun_two_ranks(work: Path, cache: Path, sparse: Path) -> None:
     the same global batches as the one-process run with 2 samples per micro-batch, so the rank-summed
     counts of every step are its counts; both ranks hold the same EMA table after every step."""
     rank0, rank1 = two_rank_train(["--target", "swift", "--ref-cache", str(cache), *SPARSE, "--",
-                                   *sft(work, "two_ranks", per_device_train_batch_size=1)], work / "two_ranks_ema")
+                                   *sft(work, "two_ranks", per_device_train_batch_size=1)],
+                                  work / "two_ranks", work / "two_ranks_ema")
     counts = ("regate/keep_ratio", "regate/supervised_total", "regate/supervised_kept")
     assert [[e[k] for k in counts] for e in assets.log_history(final(work / "two_ranks"))] == \
         [[e[k] for k in counts] for e in assets.log_history(final(sparse))]
