@@ -281,22 +281,46 @@ def collate(samples: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, tor
     return batch
 
 
-def generate(size: int, rng: np.random.Generator, free_words: bool = True) -> list[tuple[Scene, QA, np.ndarray]]:
-    """``size`` samples: uniform question type and phrasing, uniform scene attributes (``free_words``: see ``ask``)."""
+@dataclass(frozen=True)
+class Variant:
+    """Which task: the demo's own (the default), without its free words (each free slot always its
+    first word, which the text then predicts), or with only some question types."""
+
+    free_words: bool = True
+    question_types: tuple[str, ...] = QUESTION_TYPES
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.question_types) - set(QUESTION_TYPES))
+        if unknown or not self.question_types:
+            raise ValueError(f"question types {unknown or '(none)'}: choose from {', '.join(QUESTION_TYPES)}")
+
+    @property
+    def name(self) -> str:
+        """'' for the demo's own task, else what differs (part of the teacher cache's dataset id)."""
+        parts = ([] if self.free_words else ["no-free-words"]) + (
+            [] if self.question_types == QUESTION_TYPES else ["+".join(self.question_types)])
+        return "-".join(parts)
+
+
+DEMO = Variant()
+
+
+def generate(size: int, rng: np.random.Generator, variant: Variant = DEMO) -> list[tuple[Scene, QA, np.ndarray]]:
+    """``size`` samples: uniform question type (of the variant's) and phrasing, uniform scene attributes."""
     samples = []
     for _ in range(size):
         scene = random_scene(rng)
-        qa = ask(scene, str(rng.choice(QUESTION_TYPES)), int(rng.integers(0, 2)), rng, free_words)
+        qa = ask(scene, str(rng.choice(variant.question_types)), int(rng.integers(0, 2)), rng, variant.free_words)
         samples.append((scene, qa, draw(scene, rng)))
     return samples
 
 
 def generate_balanced(per_type: int, rng: np.random.Generator,
-                      free_words: bool = True) -> list[tuple[Scene, QA, np.ndarray]]:
-    """A held-out set in which, for every question type, each value of each slot occurs equally
-    often (``per_type`` a multiple of 12, for 6 colours, 4 shapes, counts and corners, 2 phrasings):
-    a model that ignores the picture gives one answer to all the pictures of a question, so it
-    scores about chance on every slot, whichever words it picks."""
+                      variant: Variant = DEMO) -> list[tuple[Scene, QA, np.ndarray]]:
+    """A held-out set in which, for every question type (of the variant's), each value of each slot
+    occurs equally often (``per_type`` a multiple of 12, for 6 colours, 4 shapes, counts and
+    corners, 2 phrasings): a model that ignores the picture gives one answer to all the pictures of
+    a question, so it scores about chance on every slot, whichever words it picks."""
     if per_type % 12:
         raise ValueError(f"per_type must be a multiple of 12, got {per_type}")
     samples = []
@@ -304,10 +328,10 @@ def generate_balanced(per_type: int, rng: np.random.Generator,
     def balanced(values: int) -> np.ndarray:
         return rng.permutation(np.repeat(np.arange(values), per_type // values))
 
-    for qtype in QUESTION_TYPES:
+    for qtype in variant.question_types:
         columns = zip(balanced(6), balanced(4), balanced(4), balanced(4), balanced(2))
         for color, shape, count, corner, phrasing in columns:
             scene = random_scene(rng, color=list(COLORS)[color], shape=SHAPES[shape], count=int(count) + 1,
                                  corner=int(corner))
-            samples.append((scene, ask(scene, qtype, int(phrasing), rng, free_words), draw(scene, rng)))
+            samples.append((scene, ask(scene, qtype, int(phrasing), rng, variant.free_words), draw(scene, rng)))
     return samples

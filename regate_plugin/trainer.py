@@ -275,10 +275,12 @@ def load_state(engine: ReGATEEngine, checkpoint: Path) -> None:
 
 def warn_if_never_sparse(engine: ReGATEEngine, start: int, stop: int) -> None:
     """Warn when optimizer steps ``start``..``stop-1`` hold no sparse step: the run would pay for ReGATE
-    and train dense throughout."""
-    if engine.packing_only or stop <= start or reaches_sparse_step(engine, start, stop):
-        return
+    and train dense throughout. Not for a run that set keep ratio 1 (dense on purpose, e.g. a baseline)."""
     config = engine.config
+    built_in = all(impl.plugin is defaults for impl in engine.pm.hook.regate_keep_ratio.get_hookimpls())
+    on_purpose = built_in and not config.auto_keep and config.keep_ratio >= 1.0
+    if engine.packing_only or stop <= start or on_purpose or reaches_sparse_step(engine, start, stop):
+        return
     logger.warning(
         "ReGATE: none of this run's optimizer steps %d-%d is sparse (warmup %d, then %d dense steps of every %d-step "
         "cycle, keep ratio %s): it trains dense throughout; lower --warmup, or train longer",

@@ -257,13 +257,25 @@ def test_free_words_are_drawn_from_their_choices_and_marked():
 
 def test_the_task_without_free_words_has_the_same_scenes_and_first_words():
     with_free = task.generate(60, np.random.default_rng(5))
-    without = task.generate(60, np.random.default_rng(5), free_words=False)
+    without = task.generate(60, np.random.default_rng(5), task.Variant(free_words=False))
     for (scene, qa, image), (scene_b, qa_b, image_b) in zip(with_free, without):
         assert scene == scene_b and np.array_equal(image, image_b) and qa.question == qa_b.question
         template = next(a for q, a in sum(task.TEMPLATES.values(), ()) if q == " ".join(qa.question)).split()
         i = qa.free.index(True)
         assert qa_b.answer[i] == template[i].strip("[]").split("|")[0] and not any(qa_b.free)
         assert qa_b.answer[:i] + qa_b.answer[i + 1:] == qa.answer[:i] + qa.answer[i + 1:]
+
+
+def test_a_variant_asks_only_its_question_types_and_names_what_differs():
+    hard = task.Variant(question_types=("count", "where"))
+    asked = {" ".join(qa.question) for _, qa, _ in task.generate(200, np.random.default_rng(3), hard)}
+    assert asked == {q for t in ("count", "where") for q, _ in task.TEMPLATES[t]}
+    held_out = task.generate_balanced(24, np.random.default_rng(3), hard)
+    assert len(held_out) == 48 and {s.count for s, _, _ in held_out} == {1, 2, 3, 4}
+    assert task.DEMO.name == "" and hard.name == "count+where"
+    assert task.Variant(free_words=False, question_types=("color",)).name == "no-free-words-color"
+    with pytest.raises(ValueError, match="question types \\['size'\\]: choose from color, shape, count, where, describe"):
+        task.Variant(question_types=("color", "size"))
 
 
 def _rows(runs):
@@ -448,3 +460,44 @@ def test_sweep_with_the_auto_arm_records_its_ratios(tmp_path, monkeypatch):
     [row] = [r for r in saved["rows"] if r["arm"] == "auto"]
     assert row["keep_ratio"] == pytest.approx(frontier.mean_sparse_ratio(run))
     assert 0.0 < row["supervised_share"] < 1.0
+
+
+def test_a_sweep_on_a_variant_from_a_later_seed_records_both_and_plots_the_auto_ratios(tmp_path, monkeypatch):
+    from regate_plugin.demo import runs as demo_runs
+
+    monkeypatch.setattr(demo_runs, "PRETRAIN_STEPS", 5)
+    monkeypatch.setattr(demo_runs, "VISION_STEPS", 5)
+    prepared = []
+    original = frontier.prepare
+    monkeypatch.setattr(frontier, "prepare", lambda *a: prepared.append(a) or original(*a))
+    args = ["demo", "--arms", "dense,auto", "--seed", "3", "--seeds", "1", "--steps", "40", "--question-types",
+            "shape,color", "--no-free-words", "--out", str(tmp_path), "--no-progress"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    [(steps, seed, _, _, variant)] = prepared
+    assert (steps, seed) == (40, 3) and variant == task.Variant(free_words=False, question_types=("shape", "color"))
+    saved = json.loads((tmp_path / "frontier.json").read_text())
+    assert saved["settings"]["seeds"] == [3]
+    assert saved["settings"]["task"] == {"free_words": False, "question_types": ["shape", "color"]}
+    assert sorted(saved["runs"]) == ["auto|auto|3", "dense|1|3"]
+    assert (tmp_path / "auto_ratios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result.output.rstrip().endswith(f"wrote {tmp_path / 'frontier.json'} and {tmp_path / 'frontier.png'}, "
+                                           f"{tmp_path / 'auto_ratios.png'}")
+    # the same folder with the demo's own task is another sweep
+    other = CliRunner().invoke(main, [a for a in args if a != "--no-free-words"])
+    assert other.exit_code == 2 and "other settings" in other.output
+
+
+def test_task_options_are_refused_without_arms_and_checked():
+    result = CliRunner().invoke(main, ["demo", "--question-types", "color"])
+    assert result.exit_code == 2 and result.output.strip().splitlines()[-1] == (
+        "Error: --question-types and --no-free-words change the task of a sweep: use them with --arms")
+    result = CliRunner().invoke(main, ["demo", "--arms", "dense,auto", "--question-types", "color,,size", "--out", "x"])
+    assert result.exit_code == 2 and result.output.strip().splitlines()[-1] == (
+        "Error: Invalid value for --question-types: question types ['size']: choose from color, shape, count, where, describe")
+
+
+def test_auto_ratio_course_lists_the_sparse_steps_and_their_ratios():
+    run = {"step_keep_ratios": [1.0, 1.0, 0.5, 0.4, 1.0, 0.2, 0.2]}
+    assert frontier.auto_ratio_course(run) == ([2, 3, 5, 6], [0.5, 0.4, 0.2, 0.2])
+    assert frontier.plot_auto_ratios({"dense|1|0": run}, Path("unused.png")) is None

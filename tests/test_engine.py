@@ -457,3 +457,19 @@ def test_targets_build_contexts_only_for_a_cache_that_records_digests(cache, dig
     assert not ReGATEEngine(ReGATEConfig(), None).checks_contexts  # packing only
     assert not ReGATEEngine(ReGATEConfig(), cache).checks_contexts  # a cache written without digests
     assert ReGATEEngine(ReGATEConfig(), digest_cache).checks_contexts
+
+
+def test_never_sparse_warning_is_for_runs_that_asked_for_elision(cache, caplog):
+    """A warmup longer than the run warns; keep ratio 1 (a dense baseline on purpose) does not."""
+    from regate_plugin.trainer import warn_if_never_sparse
+
+    said = []
+    for keep_ratio in (0.5, 1.0, "auto"):
+        caplog.clear()
+        engine = ReGATEEngine(ReGATEConfig(keep_ratio=keep_ratio, warmup=50), cache)
+        with caplog.at_level("WARNING", logger="regate_plugin.trainer"):
+            warn_if_never_sparse(engine, 0, 40)
+        said.append([r.getMessage() for r in caplog.records])
+    assert said[0] == ["ReGATE: none of this run's optimizer steps 1-40 is sparse (warmup 50, then 16 dense steps of "
+                       "every 128-step cycle, keep ratio 0.5): it trains dense throughout; lower --warmup, or train longer"]
+    assert said[1] == [] and len(said[2]) == 1 and "keep ratio auto" in said[2][0]

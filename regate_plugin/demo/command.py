@@ -11,8 +11,9 @@ from typing import Any
 
 import click
 
-from .frontier import ARMS, acceptance, format_frontier, plot_frontier, run_frontier
+from .frontier import ARMS, acceptance, format_frontier, plot_auto_ratios, plot_frontier, run_frontier
 from .report import format_table, plot
+from .. import demo_task as task
 from .runs import DEFAULT_STEPS
 
 
@@ -36,10 +37,11 @@ def _keeps(ctx: click.Context, param: click.Parameter, value: str) -> list[float
     return keeps
 
 
-def run_sweep(arms: list[str], keeps: list[float], seeds: int, steps: int, out: Path, progress: bool) -> None:
+def run_sweep(arms: list[str], keeps: list[float], seeds: list[int], steps: int, out: Path, progress: bool,
+              variant: task.Variant = task.DEMO) -> None:
     """The frontier sweep, then its table, its acceptance verdicts and frontier.png."""
     try:
-        result = run_frontier(arms, keeps, list(range(seeds)), steps, out, progress, echo=click.echo)
+        result = run_frontier(arms, keeps, seeds, steps, out, progress, echo=click.echo, variant=variant)
     except ValueError as err:
         raise click.UsageError(str(err)) from err
     click.echo("")
@@ -49,10 +51,20 @@ def run_sweep(arms: list[str], keeps: list[float], seeds: int, steps: int, out: 
                    f"score > 1 point below dense on seeds {v['paper_fails_on_seeds']}, {v['arm']} within a point on "
                    f"{v['within_one_point_on']} [{'ok' if v['accept'] else 'FAIL'}]")
     try:
-        png = plot_frontier(result["rows"], out / "frontier.png")
+        pngs = [plot_frontier(result["rows"], out / "frontier.png"), plot_auto_ratios(result["runs"], out / "auto_ratios.png")]
     except ImportError:
-        png = None
-    click.echo(f"wrote {out / 'frontier.json'}" + (f" and {png}" if png else " (pip install matplotlib for frontier.png)"))
+        pngs = []
+    click.echo(f"wrote {out / 'frontier.json'}" + (" and " + ", ".join(str(p) for p in pngs if p) if pngs
+                                                    else " (pip install matplotlib for frontier.png)"))
+
+def _question_types(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    try:
+        return task.Variant(question_types=tuple(t.strip() for t in value.split(",") if t.strip())).question_types
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--question-types") from err
+
 
 def check_writable(out: Path) -> None:
     """Create ``out`` and write a file into it now, so a bad --out fails before minutes of training,
@@ -82,10 +94,16 @@ def check_writable(out: Path) -> None:
 @click.option("--keep", callback=_keeps, default="0.5,0.25,0.1", show_default=True,
               help="With --arms: keep ratios of the sparse steps (comma-separated, each in (0, 1)).")
 @click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
-              help="With --arms: seeds 0..N-1, each prepared once and shared by its runs.")
+              help="With --arms: seeds SEED..SEED+N-1 (--seed, default 0), each prepared once and shared by its runs.")
+@click.option("--question-types", callback=lambda ctx, param, value: _question_types(value), default=None,
+              help=f"With --arms: a task of only these question types (comma-separated, of "
+              f"{','.join(task.QUESTION_TYPES)})  [default: all]")
+@click.option("--free-words/--no-free-words", default=True, show_default=True,
+              help="With --arms: --no-free-words gives every free slot its first word (the text then predicts it).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
 def command(steps: int | None, seed: int, out: Path | None, work: Path | None, arms: list[str] | None,
-            keep: list[float], seeds: int, progress: bool) -> None:
+            keep: list[float], seeds: int, question_types: tuple[str, ...] | None, free_words: bool,
+            progress: bool) -> None:
     """Train a tiny LLaVA dense and with ReGATE on a toy visual QA task, and compare.
 
     \b
@@ -116,12 +134,15 @@ def command(steps: int | None, seed: int, out: Path | None, work: Path | None, a
         if work.exists() and any(work.iterdir()):
             raise click.BadParameter(f"{work} is not empty; give a new or empty folder", param_hint="--work")
         work.mkdir(parents=True, exist_ok=True)
+    variant = task.Variant(free_words, question_types or task.QUESTION_TYPES)
     if arms is not None:
         if out is None or work is not None:
             raise click.UsageError("--arms writes --out/frontier.json and resumes from it: give --out (and no --work)")
         check_writable(out)
-        run_sweep(arms, keep, seeds, steps or DEFAULT_STEPS, out, progress)
+        run_sweep(arms, keep, list(range(seed, seed + seeds)), steps or DEFAULT_STEPS, out, progress, variant)
         return
+    if variant != task.DEMO:
+        raise click.UsageError("--question-types and --no-free-words change the task of a sweep: use them with --arms")
     out = out or Path(time.strftime("regate-demo-%Y%m%d-%H%M%S"))
     check_writable(out)
     steps = steps or DEFAULT_STEPS

@@ -20,6 +20,7 @@ import torch
 
 from ..atomic import write_atomic
 from ..config import ReGATEConfig
+from .. import demo_task as task
 from ..hookspecs import hookimpl
 from .runs import THREADS, Setup, _quiet, _threads, prepare, scaled_config, train_run
 
@@ -189,6 +190,39 @@ def plot_frontier(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def auto_ratio_course(run: dict[str, Any]) -> tuple[list[int], list[float]]:
+    """An ``auto`` run's sparse steps and the ratio of each (the steps a cycle's choice applied to)."""
+    steps = [step for step, ratio in enumerate(run["step_keep_ratios"]) if ratio < 1.0]
+    return steps, [run["step_keep_ratios"][step] for step in steps]
+
+
+def plot_auto_ratios(runs: dict[str, dict[str, Any]], path: Path, title: str = "") -> Path | None:
+    """The keep ratio ``auto`` chose along each seed's run (None without an auto run)."""
+    autos = sorted(((int(key.split("|")[2]), run) for key, run in runs.items() if key.startswith("auto|")))
+    if not autos:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    for seed, run in autos:
+        steps, ratios = auto_ratio_course(run)
+        ax.plot(steps, ratios, ".", ms=2, label=f"seed {seed}: mean {mean_sparse_ratio(run):.3f}")
+    config = arm_config("auto", 0.0, len(autos[0][1]["step_keep_ratios"]))
+    ax.set_ylim(0, config.keep_max * 1.1)
+    ax.set_xlabel("optimizer step (sparse steps)")
+    ax.set_ylabel("keep ratio chosen")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, markerscale=4)
+    ax.set_title(title or f"--keep-ratio auto within [{config.keep_min:g}, {config.keep_max:g}]")
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+    return path
+
+
 def load_runs(path: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The runs a previous sweep with the same settings finished (resume); none if it had others."""
     if not path.exists():
@@ -201,9 +235,12 @@ def load_runs(path: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any]]
 
 def run_frontier(arms: Sequence[str], keeps: Sequence[float], seeds: Sequence[int], steps: int, out: Path,
                  progress: bool = False, echo: Callable[[str], None] = print,
-                 eval_points: int = SWEEP_EVAL_POINTS) -> dict[str, Any]:
-    """Every planned run not yet in ``out/frontier.json``, seed by seed; the file is rewritten after each."""
+                 eval_points: int = SWEEP_EVAL_POINTS, variant: task.Variant = task.DEMO) -> dict[str, Any]:
+    """Every planned run not yet in ``out/frontier.json``, seed by seed; the file is rewritten after each.
+    ``variant``: another task of the demo's kind (recorded in the settings)."""
     settings = {"arms": list(arms), "keep": list(keeps), "seeds": list(seeds), "steps": steps, "eval_points": eval_points}
+    if variant != task.DEMO:
+        settings["task"] = {"free_words": variant.free_words, "question_types": list(variant.question_types)}
     path = out / "frontier.json"
     runs = load_runs(path, settings)
     plan = planned_runs(arms, keeps, seeds)
@@ -227,7 +264,7 @@ def run_frontier(arms: Sequence[str], keeps: Sequence[float], seeds: Sequence[in
             if seed not in setups:
                 started = time.perf_counter()
                 work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"regate-frontier-{seed}-")))
-                setups[seed] = replace(prepare(steps, seed, work, progress), eval_points=eval_points)
+                setups[seed] = replace(prepare(steps, seed, work, progress, variant), eval_points=eval_points)
                 echo(f"seed {seed}: prepared in {time.perf_counter() - started:.0f} s")
             started = time.perf_counter()
             key = run_key(arm, keep, seed)

@@ -260,26 +260,26 @@ def train_run(name: str, config: ReGATEConfig, setup: Setup, strategies: Sequenc
 # ---------------------------------------------------------------------------------------------
 
 
-def train_dataset(seed: int = 0, tokenizer: Any = None, free_words: bool = True) -> task.VQADataset:
+def train_dataset(seed: int = 0, tokenizer: Any = None, variant: task.Variant = task.DEMO) -> task.VQADataset:
     """The training samples of ``regate demo --seed SEED``; with the default seed, what
     ``regate inspect WORK/refcache --target hf -- --dataset regate_plugin.demo:train_dataset ...`` decodes."""
-    return task.VQADataset(task.generate(TRAIN_SAMPLES, np.random.default_rng([seed, 0]), free_words),
+    return task.VQADataset(task.generate(TRAIN_SAMPLES, np.random.default_rng([seed, 0]), variant),
                            task.build_tokenizer() if tokenizer is None else tokenizer)
 
 
-def prepare(steps: int, seed: int, work: Path, progress: bool, free_words: bool = True) -> Setup:
+def prepare(steps: int, seed: int, work: Path, progress: bool, variant: task.Variant = task.DEMO) -> Setup:
     """Task, language-model pre-training, student, teacher pass: everything before the two runs
-    (``free_words=False``: the task without its free words, ``demo_task.ask``)."""
+    (``variant``: another task of the same kind, ``demo_task.Variant``)."""
     from ..patches import hf
     from ..scoring import check_tokenizers, load_teacher, score_dataset
 
     tokenizer = task.build_tokenizer()
     vocab = tokenizer.get_vocab()
     text_config, llava_config = _configs(vocab)
-    train = train_dataset(seed, tokenizer, free_words)
-    held_out = task.VQADataset(task.generate_balanced(EVAL_PER_TYPE, np.random.default_rng([seed, 1]), free_words),
+    train = train_dataset(seed, tokenizer, variant)
+    held_out = task.VQADataset(task.generate_balanced(EVAL_PER_TYPE, np.random.default_rng([seed, 1]), variant),
                                tokenizer, with_targets=True)
-    corpus = task.VQADataset(task.generate(PRETRAIN_SAMPLES, np.random.default_rng([seed, 2]), free_words), tokenizer)
+    corpus = task.VQADataset(task.generate(PRETRAIN_SAMPLES, np.random.default_rng([seed, 2]), variant), tokenizer)
 
     backbone = pretrain_backbone(corpus, text_config, PRETRAIN_STEPS, seed, progress)
     tower = pretrain_vision(corpus, llava_config.vision_config, VISION_STEPS, seed, progress)
@@ -291,7 +291,7 @@ def prepare(steps: int, seed: int, work: Path, progress: bool, free_words: bool 
     tokenizer.save_pretrained(student_dir)
 
     # the teacher pass, as `regate score --target hf --teacher teacher/ --out refcache/ -- ...` runs it
-    dataset_id = f"regate-demo-seed{seed}" + ("" if free_words else "-no-free-words")
+    dataset_id = f"regate-demo-seed{seed}" + (f"-{variant.name}" if variant.name else "")
     source = hf.HFScoringSource(train, str(student_dir), dataset_id=dataset_id, teacher=str(teacher_dir))
     cache_dir = work / "refcache"
     check_tokenizers(source.tokenizer_fingerprint, source.load_tokenizer(str(teacher_dir)), str(teacher_dir))
