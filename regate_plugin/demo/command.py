@@ -57,7 +57,9 @@ def run_sweep(arms: list[str], keeps: list[float], seeds: list[int], steps: int,
     click.echo(f"wrote {out / 'frontier.json'}" + (" and " + ", ".join(str(p) for p in pngs if p) if pngs
                                                     else " (pip install matplotlib for frontier.png)"))
 
+
 def _question_types(value: str | None) -> tuple[str, ...] | None:
+    """--question-types as the task checks it (an unknown type, or none: one usage error); None: all."""
     if value is None:
         return None
     try:
