@@ -17,23 +17,31 @@ from pathlib import Path
 import numpy as np
 
 from regate_plugin.atomic import write_atomic
-from regate_plugin.demo.frontier import auto_ratio_course, mean_sparse_ratio
+from regate_plugin.demo.frontier import auto_ratio_course, frontier_rows, run_key
 
 HERE = Path(__file__).parent
+FIXED_KEEP = 0.1
 
 
 def task_rows(folder: Path) -> list[dict]:
+    """Per seed: fixed keep 0.1 and auto against the same seed's dense run (points), auto's share of
+    dense's supervised tokens, its mean sparse ratio and its ratio per step."""
     runs = json.loads((folder / "frontier.json").read_text())["runs"]
-    seeds = sorted(int(key.split("|")[2]) for key in runs if key.startswith("dense|"))
+    final = {(r["arm"], r["seed"]): r for r in frontier_rows(runs)
+             if r["arm"] in ("dense", "auto") or (r["arm"] == "regate" and r["keep_ratio"] == FIXED_KEEP)}
     rows = []
-    for seed in seeds:
-        dense, fixed, auto = (runs.get(f"{arm}|{seed}") for arm in ("dense|1", "regate|0.1", "auto|auto"))
+    for seed in sorted(seed for arm, seed in final if arm == "dense"):
+        missing = [arm for arm in ("regate", "auto") if (arm, seed) not in final]
+        if missing:
+            raise SystemExit(f"{folder}: seed {seed} has no {' or '.join(missing)} run; make it with "
+                             f"regate demo --arms dense,regate,auto --keep {FIXED_KEEP} --out {folder}")
+        dense, fixed, auto = (final[arm, seed] for arm in ("dense", "regate", "auto"))
         rows.append({
-            "seed": seed, "dense": dense["val_accuracy"],
-            "fixed_points": None if fixed is None else 100 * (fixed["val_accuracy"] - dense["val_accuracy"]),
-            "auto_points": 100 * (auto["val_accuracy"] - dense["val_accuracy"]),
-            "auto_share": auto["supervised_tokens"] / dense["supervised_tokens"],
-            "auto_mean_ratio": mean_sparse_ratio(auto), "course": auto_ratio_course(auto),
+            "seed": seed,
+            "fixed_points": 100 * (fixed["final_accuracy"] - dense["final_accuracy"]),
+            "auto_points": 100 * (auto["final_accuracy"] - dense["final_accuracy"]),
+            "auto_share": auto["supervised_share"], "auto_mean_ratio": auto["keep_ratio"],
+            "course": auto_ratio_course(runs[run_key("auto", 0.0, seed)]),
         })
     return rows
 
